@@ -1,0 +1,473 @@
+"""Code shared by the pipeline stages: parameters, run layout, images, model, metrics I/O."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import shutil
+import json
+import logging
+import os
+import random
+import resource
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import psutil
+import torch
+import yaml
+from PIL import Image, ImageOps
+
+PARAMS_FILE = Path("params.yaml")
+RUNS_DIR = Path("data/runs")
+RUN_METRICS_DIR = Path("metrics/runs")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "val", "test")
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
+DEVICES = ("auto", "cpu", "cuda")
+
+log = logging.getLogger("anomaly_pipeline")
+
+
+class PipelineError(Exception):
+    """An error caused by the user's data or parameters; its message says what to fix."""
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class DataParams:
+    dir: Path
+    negative_class: str
+    positive_class: str
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    test_ratio: float
+    val_ratio: float
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    arch: str
+    pretrained: bool
+    image_size: int
+
+
+@dataclass(frozen=True)
+class SchedulerParams:
+    factor: float
+    patience: int
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    batch_size: int
+    lr: float
+    min_epochs: int
+    max_epochs: int
+    patience: int
+    scheduler: SchedulerParams
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    runs: tuple[int, ...]
+    data: DataParams
+    split: SplitParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    device: str
+
+
+def _get(tree: dict[str, Any], dotted: str, kind: type | tuple[type, ...]) -> Any:
+    node: Any = tree
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise PipelineError(f"params.yaml: missing parameter '{dotted}'")
+        node = node[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python; never accept it where a number is meant.
+    if isinstance(node, bool) and bool not in kinds or not isinstance(node, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise PipelineError(f"params.yaml: '{dotted}' must be {names}, got {node!r}")
+    return node
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise PipelineError(f"params.yaml: {message}")
+
+
+def parse_params(tree: dict[str, Any]) -> Params:
+    """Validate a parameter tree (as read from params.yaml) and return it typed."""
+    number = (int, float)
+    runs = _get(tree, "runs", list)
+    _require(len(runs) > 0, "'runs' must list at least one run index, e.g. [0, 1, 2]")
+    _require(
+        all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in runs),
+        f"'runs' must be a list of non-negative integers, got {runs!r}",
+    )
+    _require(len(set(runs)) == len(runs), f"'runs' holds a duplicate index: {runs!r}")
+    params = Params(
+        seed=_get(tree, "seed", int),
+        runs=tuple(runs),
+        data=DataParams(
+            dir=Path(_get(tree, "data.dir", str)),
+            negative_class=_get(tree, "data.negative_class", str),
+            positive_class=_get(tree, "data.positive_class", str),
+        ),
+        split=SplitParams(
+            test_ratio=float(_get(tree, "split.test_ratio", number)),
+            val_ratio=float(_get(tree, "split.val_ratio", number)),
+        ),
+        model=ModelParams(
+            arch=_get(tree, "model.arch", str),
+            pretrained=_get(tree, "model.pretrained", bool),
+            image_size=_get(tree, "model.image_size", int),
+        ),
+        train=TrainParams(
+            batch_size=_get(tree, "train.batch_size", int),
+            lr=float(_get(tree, "train.lr", number)),
+            min_epochs=_get(tree, "train.min_epochs", int),
+            max_epochs=_get(tree, "train.max_epochs", int),
+            patience=_get(tree, "train.patience", int),
+            scheduler=SchedulerParams(
+                factor=float(_get(tree, "train.scheduler.factor", number)),
+                patience=_get(tree, "train.scheduler.patience", int),
+            ),
+        ),
+        evaluate=EvaluateParams(batch_size=_get(tree, "evaluate.batch_size", int)),
+        device=_get(tree, "device", str),
+    )
+    _require(params.data.negative_class != params.data.positive_class,
+             "'data.negative_class' and 'data.positive_class' must name different folders")
+    for name in ("test_ratio", "val_ratio"):
+        value = getattr(params.split, name)
+        _require(0 < value < 1, f"'split.{name}' must lie strictly between 0 and 1, got {value}")
+    _require(params.model.arch in ARCHITECTURES,
+             f"'model.arch' must be one of {', '.join(ARCHITECTURES)}, got {params.model.arch!r}")
+    _require(params.model.image_size >= 32,
+             f"'model.image_size' must be at least 32 pixels, got {params.model.image_size}")
+    _require(params.train.batch_size >= 1, f"'train.batch_size' must be >= 1, got {params.train.batch_size}")
+    _require(params.evaluate.batch_size >= 1,
+             f"'evaluate.batch_size' must be >= 1, got {params.evaluate.batch_size}")
+    _require(params.train.lr > 0, f"'train.lr' must be > 0, got {params.train.lr}")
+    _require(params.train.min_epochs >= 1, f"'train.min_epochs' must be >= 1, got {params.train.min_epochs}")
+    _require(params.train.min_epochs <= params.train.max_epochs,
+             f"'train.min_epochs' ({params.train.min_epochs}) must not exceed "
+             f"'train.max_epochs' ({params.train.max_epochs})")
+    _require(params.train.patience >= 0, f"'train.patience' must be >= 0, got {params.train.patience}")
+    _require(0 < params.train.scheduler.factor < 1,
+             f"'train.scheduler.factor' must lie strictly between 0 and 1, got {params.train.scheduler.factor}")
+    _require(params.train.scheduler.patience >= 0,
+             f"'train.scheduler.patience' must be >= 0, got {params.train.scheduler.patience}")
+    _require(params.device in DEVICES,
+             f"'device' must be one of {', '.join(DEVICES)}, got {params.device!r}")
+    return params
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run the stages from the project root")
+    with path.open() as handle:
+        tree = yaml.safe_load(handle)
+    if not isinstance(tree, dict):
+        raise PipelineError(f"{path} must hold a mapping of parameters")
+    return parse_params(tree)
+
+
+def run_seed(seed: int, run: int) -> int:
+    """The seed of one run: different for every run, reproducible from (seed, run)."""
+    return int(np.random.SeedSequence([seed, run]).generate_state(1)[0])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch, and ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+# --------------------------------------------------------------------------- run layout
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run's outputs live (the same paths dvc.yaml declares)."""
+
+    run: int
+
+    @property
+    def root(self) -> Path:
+        return RUNS_DIR / f"run-{self.run}"
+
+    @property
+    def split_dir(self) -> Path:
+        return self.root / "split"
+
+    def manifest(self, split: str) -> Path:
+        return self.split_dir / f"{split}.csv"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def model_file(self) -> Path:
+        return self.model_dir / "model.pt"
+
+    @property
+    def history_file(self) -> Path:
+        return self.model_dir / "history.csv"
+
+    @property
+    def train_summary_file(self) -> Path:
+        return self.model_dir / "train_summary.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def metrics_file(self) -> Path:
+        return RUN_METRICS_DIR / f"run-{self.run}.json"
+
+
+def run_arg(description: str, params: Params) -> int:
+    """Parse the ``--run N`` argument every per-run stage takes, checked against params.runs."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run", type=int, required=True, help="run index, one of params.yaml 'runs'")
+    run = parser.parse_args().run
+    if run not in params.runs:
+        raise PipelineError(f"--run {run} is not listed in params.yaml 'runs' {list(params.runs)}")
+    return run
+
+
+# --------------------------------------------------------------------------- files
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_target(path: Path) -> tuple[int, Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    return fd, Path(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename, so it is never half-written."""
+    fd, tmp = _atomic_target(path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv_atomic(path: Path, frame: pd.DataFrame) -> None:
+    """Write a DataFrame as CSV atomically."""
+    write_text_atomic(path, frame.to_csv(index=False))
+
+
+def save_torch_atomic(path: Path, obj: Any) -> None:
+    """torch.save through a temporary file and a rename."""
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; on success it replaces ``path`` in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: Path) -> Any:
+    with path.open() as handle:
+        return json.load(handle)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def list_images(root: Path) -> Iterator[Path]:
+    """Image files under ``root`` (recursively), sorted, hidden files skipped."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                yield path
+
+
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """Decode an image (EXIF orientation applied), convert to RGB, resize to size x size, uint8 CHW."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+
+
+def load_images(data_dir: Path, relative_paths: list[str], size: int) -> torch.Tensor:
+    """Decode and resize every listed image once into an uint8 tensor of shape (N, 3, size, size)."""
+    from tqdm import tqdm
+
+    batch = torch.empty((len(relative_paths), 3, size, size), dtype=torch.uint8)
+    for index, relative in enumerate(tqdm(relative_paths, desc="decode", unit="img", leave=False, disable=None)):
+        batch[index] = load_image(data_dir / relative, size)
+    return batch
+
+
+def normalize(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NCHW images -> float, ImageNet-normalised, channels_last, on ``device``."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    floats = images.to(device, non_blocking=True).float()
+    return ((floats - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read a split manifest (columns path, label, sha256)."""
+    if not path.is_file():
+        raise PipelineError(f"split manifest {path} is missing: run 'dvc repro' so prepare-split writes it")
+    return pd.read_csv(path, dtype={"path": str, "label": int, "sha256": str})
+
+
+# --------------------------------------------------------------------------- model and device
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("params.yaml: 'device' is 'cuda' but no CUDA device is present; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def _weights_enum(arch: str) -> Any:
+    import torchvision.models as models
+
+    return models.get_model_weights(arch).IMAGENET1K_V1
+
+
+def fetch_pretrained_state(arch: str) -> dict[str, torch.Tensor]:
+    """The ImageNet state dict of ``arch`` via torchvision's weights API (TORCH_HOME cache or download).
+
+    Raises PipelineError naming the remedies when the weights can be neither found nor downloaded.
+    """
+    weights = _weights_enum(arch)
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        state = weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True)
+    except (OSError, RuntimeError) as error:
+        raise PipelineError(
+            f"cannot obtain ImageNet weights for {arch}: {error}. Expected them in the torch cache at "
+            f"{cache} (set TORCH_HOME to a folder holding hub/checkpoints/{cache.name}), or a network "
+            f"connection to download them. To train from random initialisation instead, set "
+            f"'model.pretrained: false' (e.g. dvc exp run -S model.pretrained=false)."
+        ) from error
+    log.info("ImageNet weights for %s loaded from %s", arch, cache)
+    return state
+
+
+def build_model(arch: str, pretrained_state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """The classifier: a torchvision ResNet, ImageNet weights if given, final layer replaced by 2 outputs."""
+    import torchvision.models as models
+
+    model = models.get_model(arch, weights=None)
+    if pretrained_state is not None:
+        model.load_state_dict(pretrained_state)
+    model.fc = torch.nn.Linear(model.fc.in_features, 2)
+    return model
+
+
+def weights_label(pretrained: bool) -> str:
+    return "imagenet" if pretrained else "random-init"
+
+
+# --------------------------------------------------------------------------- inference and memory
+
+
+@torch.inference_mode()
+def predict_scores(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+    """Probability of the positive (faulty) class for every image, in batches."""
+    from tqdm import tqdm
+
+    model.eval()
+    scores = []
+    for start in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch", leave=False, disable=None):
+        logits = model(normalize(images[start:start + batch_size], device))
+        scores.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+    return torch.cat(scores).numpy() if scores else np.empty(0, dtype=np.float32)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    if sys.platform == "win32":
+        return psutil.Process().memory_info().peak_wset / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def main_guard(main: Any) -> None:
+    """Run a stage's main(): user errors become one clear line and exit code 1, Ctrl-C exits 130."""
+    setup_logging()
+    try:
+        main()
+    except PipelineError as error:
+        log.error("%s", error)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        log.error("interrupted; outputs of this stage were not written, rerun 'dvc repro' to resume")
+        sys.exit(130)

@@ -1,0 +1,112 @@
+"""evaluate: score one run's best model on its test (and train) images and write the run's metrics."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from stages.common import (
+    RunPaths,
+    atomic_dir,
+    build_model,
+    load_images,
+    load_params,
+    main_guard,
+    peak_rss_mb,
+    predict_scores,
+    read_json,
+    read_manifest,
+    resolve_device,
+    run_arg,
+    write_csv_atomic,
+    write_json_atomic,
+)
+
+log = logging.getLogger("anomaly_pipeline.evaluate")
+
+
+def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
+    """Binary metrics (positive class = 1 = faulty) from true labels and positive-class probabilities."""
+    predicted = (scores >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    both_classes = len(np.unique(labels)) == 2
+    return {
+        "accuracy": accuracy_score(labels, predicted),
+        "balanced_accuracy": balanced_accuracy_score(labels, predicted) if both_classes else None,
+        "precision": precision_score(labels, predicted, pos_label=1, zero_division=0),
+        "recall": recall_score(labels, predicted, pos_label=1, zero_division=0),
+        "f1": f1_score(labels, predicted, pos_label=1, zero_division=0),
+        "specificity": recall_score(labels, predicted, pos_label=0, zero_division=0),
+        "roc_auc": roc_auc_score(labels, scores) if both_classes else None,
+        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+    }
+
+
+def main() -> None:
+    params = load_params()
+    run = run_arg(__doc__.splitlines()[0], params)
+    paths = RunPaths(run)
+    device = resolve_device(params.device)
+    started = time.perf_counter()
+    checkpoint = torch.load(paths.model_file, map_location="cpu", weights_only=True)
+    model = build_model(checkpoint["arch"], None)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.to(device, memory_format=torch.channels_last)
+    size = checkpoint["image_size"]
+
+    def score(split: str) -> tuple[pd.DataFrame, np.ndarray]:
+        manifest = read_manifest(paths.manifest(split))
+        images = load_images(params.data.dir, manifest["path"].tolist(), size)
+        return manifest, predict_scores(model, images, params.evaluate.batch_size, device)
+
+    train_manifest, train_scores = score("train")
+    test_manifest, test_scores = score("test")
+    test = classification_metrics(test_manifest["label"].to_numpy(), test_scores)
+    train_accuracy = accuracy_score(train_manifest["label"], (train_scores >= 0.5).astype(int))
+    predictions = test_manifest.assign(
+        score=np.round(test_scores, 6), predicted=(test_scores >= 0.5).astype(int)
+    )
+    with atomic_dir(paths.eval_dir) as out:
+        write_csv_atomic(out / "predictions.csv", predictions)
+        for folder, wrong in (("false_positives", (predictions.label == 0) & (predictions.predicted == 1)),
+                              ("false_negatives", (predictions.label == 1) & (predictions.predicted == 0))):
+            (out / folder).mkdir()
+            for relative in predictions.loc[wrong, "path"]:
+                shutil.copy2(params.data.dir / relative, out / folder / relative.replace("/", "__"))
+    evaluate_seconds = time.perf_counter() - started
+    train_summary = read_json(paths.train_summary_file)
+    metrics = {
+        "run": run,
+        "train_accuracy": train_accuracy,
+        **{f"test_{name}": value for name, value in test.items() if name != "confusion_matrix"},
+        "confusion_matrix": test["confusion_matrix"],
+        "test_images": len(test_manifest),
+        **{key: value for key, value in train_summary.items() if key not in ("weights", "device")},
+        "evaluate_seconds": round(evaluate_seconds, 2),
+        "evaluate_peak_rss_mb": round(peak_rss_mb(), 1),
+        "pretrained": train_summary["weights"] == "imagenet",
+    }
+    metrics = {key: round(value, 6) if isinstance(value, float) else value for key, value in metrics.items()}
+    write_json_atomic(paths.metrics_file, metrics)
+    cm = test["confusion_matrix"]
+    log.info("run %d: test accuracy %.4f, balanced %.4f, precision %.4f, recall %.4f (TN %d FP %d FN %d TP %d)",
+             run, test["accuracy"], test["balanced_accuracy"] or float("nan"), test["precision"], test["recall"],
+             cm["tn"], cm["fp"], cm["fn"], cm["tp"])
+
+
+if __name__ == "__main__":
+    main_guard(main)
