@@ -1,0 +1,122 @@
+"""Shared fixtures: real images from ../shared, a throw-away copy of the project as a git + DVC repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ANOMALY_SHARED_DIR", PROJECT.parent / "shared"))
+METAL = SHARED / "datasets" / "metal-surface"
+FRUIT = SHARED / "datasets" / "fruit"
+PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/.gitignore")
+
+# A small real subset of metal-surface, chosen to hold byte-identical copies
+# ("clean - (1).jpg" = "clean - (2).jpg"; pitted_surface images come in groups of 4).
+METAL_SUBSET = {
+    "clean": [f"clean - ({n}).jpg" for n in range(1, 17)],
+    "faulty": [f"{kind}_{n}.jpg" for kind in ("crazing", "inclusion", "scratches") for n in range(1, 5)]
+    + [f"pitted_surface ({n}).jpg" for n in range(1, 9)],
+}
+
+
+def shared_dataset(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.fail(f"test data {path} not found: set ANOMALY_SHARED_DIR to the folder holding datasets/")
+    return path
+
+
+def copy_subset(destination: Path, source: Path, subset: dict[str, list[str]]) -> Path:
+    """Copy the named images of each class folder into destination/<class>/."""
+    for class_name, names in subset.items():
+        (destination / class_name).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copy2(source / class_name / name, destination / class_name / name)
+    return destination
+
+
+@pytest.fixture
+def metal_subset(tmp_path: Path) -> Path:
+    """A folder clean/ + faulty/ holding a small real subset of metal-surface, duplicates included."""
+    return copy_subset(tmp_path / "metal", shared_dataset(METAL), METAL_SUBSET)
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command, failing the test with its output when it exits non-zero (and check is set)."""
+    result = subprocess.run(command, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def init_git(path: Path) -> None:
+    run(["git", "init", "-q", "-b", "main"], path)
+    run(["git", "config", "user.email", "tests@anomaly-pipeline"], path)
+    run(["git", "config", "user.name", "tests"], path)
+
+
+def commit_all(path: Path, message: str) -> str:
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-q", "-m", message], path)
+    return run(["git", "rev-parse", "HEAD"], path).stdout.strip()
+
+
+def make_project(destination: Path) -> Path:
+    """A fresh git + DVC repository holding the project's code, dvc.yaml and params.yaml (no outputs)."""
+    destination.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        source = PROJECT / name
+        target = destination / name
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    init_git(destination)
+    run(["dvc", "init", "-q"], destination)
+    run(["dvc", "config", "core.analytics", "false"], destination)
+    return destination
+
+
+def default_params() -> dict:
+    """The project's params.yaml as a dict."""
+    import yaml
+
+    return yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+
+def set_dotted(tree: dict, dotted: str, value: object) -> dict:
+    """Set tree['a']['b'] for 'a.b' (in place) and return the tree."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    return tree
+
+
+SMALL = {
+    "runs": [0, 1],
+    "model.pretrained": False,
+    "model.image_size": 32,
+    "train.batch_size": 8,
+    "train.min_epochs": 1,
+    "train.max_epochs": 2,
+    "train.patience": 1,
+    "evaluate.batch_size": 16,
+}
+
+
+def write_params(project: Path, changes: dict[str, object]) -> None:
+    """Write params.yaml = the project's defaults with dotted-key changes applied."""
+    import yaml
+
+    tree = default_params()
+    for dotted, value in changes.items():
+        set_dotted(tree, dotted, value)
+    (project / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))

@@ -1,0 +1,65 @@
+"""params.yaml validation: every bad value is refused with a message naming the parameter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from stages.common import PipelineError, parse_params, run_seed
+from tests.conftest import default_params, set_dotted
+
+
+def test_project_params_are_valid() -> None:
+    params = parse_params(default_params())
+    assert params.runs == tuple(range(10))
+    assert (params.split.test_ratio, params.split.val_ratio) == (0.3, 0.2)
+    assert (params.train.min_epochs, params.train.max_epochs, params.train.patience) == (5, 15, 3)
+    assert (params.train.batch_size, params.train.lr, params.model.image_size) == (32, 0.001, 224)
+    assert params.model.arch == "resnet18" and params.model.pretrained is True
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "named"),
+    [
+        ("split.test_ratio", 0.0, "split.test_ratio"),
+        ("split.test_ratio", 1.0, "split.test_ratio"),
+        ("split.val_ratio", -0.1, "split.val_ratio"),
+        ("split.val_ratio", "0.2", "split.val_ratio"),
+        ("train.min_epochs", 16, "train.min_epochs"),
+        ("train.min_epochs", 0, "train.min_epochs"),
+        ("train.patience", -1, "train.patience"),
+        ("train.batch_size", 0, "train.batch_size"),
+        ("train.lr", 0, "train.lr"),
+        ("train.scheduler.factor", 1.5, "train.scheduler.factor"),
+        ("evaluate.batch_size", 0, "evaluate.batch_size"),
+        ("model.arch", "vgg16", "model.arch"),
+        ("model.pretrained", "yes", "model.pretrained"),
+        ("model.image_size", 8, "model.image_size"),
+        ("device", "tpu", "device"),
+        ("runs", [], "runs"),
+        ("runs", [0, 0], "runs"),
+        ("runs", [0, -1], "runs"),
+        ("runs", 10, "runs"),
+        ("seed", True, "seed"),
+        ("data.positive_class", "clean", "data.positive_class"),
+    ],
+)
+def test_bad_parameter_is_named(dotted: str, value: object, named: str) -> None:
+    tree = set_dotted(copy.deepcopy(default_params()), dotted, value)
+    with pytest.raises(PipelineError, match=named.replace(".", r"\.")):
+        parse_params(tree)
+
+
+def test_missing_parameter_is_named() -> None:
+    tree = copy.deepcopy(default_params())
+    del tree["train"]["patience"]
+    with pytest.raises(PipelineError, match=r"missing parameter 'train\.patience'"):
+        parse_params(tree)
+
+
+def test_run_seeds_are_distinct_and_reproducible() -> None:
+    seeds = [run_seed(0, run) for run in range(10)]
+    assert len(set(seeds)) == 10
+    assert seeds == [run_seed(0, run) for run in range(10)]
+    assert run_seed(3, 0) != run_seed(0, 0)

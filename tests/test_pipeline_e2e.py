@@ -1,0 +1,158 @@
+"""End to end, for real: dvc import from a local git repo, dvc repro, dvc exp run, dvc metrics, a fresh clone.
+
+Small settings (2 runs, 1-2 epochs, 32 px, random init) on a real subset of metal-surface.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import (
+    FRUIT,
+    METAL,
+    METAL_SUBSET,
+    SMALL,
+    commit_all,
+    copy_subset,
+    init_git,
+    make_project,
+    run,
+    shared_dataset,
+    write_params,
+)
+
+RUNS = SMALL["runs"]
+
+
+@pytest.fixture(scope="module")
+def source_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A plain git repository laid out like the study's (dataset/clean, dataset/faulty), and its commit."""
+    root = tmp_path_factory.mktemp("source")
+    copy_subset(root / "dataset", shared_dataset(METAL), METAL_SUBSET)
+    init_git(root)
+    return root, commit_all(root, "dataset subset")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, source_repo: tuple[Path, str]) -> Path:
+    """The project in a temporary git repo, its data imported with dvc import, reproduced once, committed."""
+    path = make_project(tmp_path_factory.mktemp("e2e") / "project")
+    write_params(path, SMALL)
+    source, commit = source_repo
+    run(["dvc", "import", str(source), "dataset", "-o", "data/raw", "--rev", commit], path)
+    commit_all(path, "project with imported data")
+    result = run(["dvc", "repro"], path)
+    (path / "first-repro.log").write_text(result.stdout + result.stderr)
+    commit_all(path, "first reproduction")
+    return path
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_repro_writes_split_manifests_that_are_disjoint_and_complete(project: Path) -> None:
+    for run_index in RUNS:
+        split_dir = project / "data" / "runs" / f"run-{run_index}" / "split"
+        sides = {side: pd.read_csv(split_dir / f"{side}.csv") for side in ("train", "val", "test")}
+        assert list(sides["train"].columns) == ["path", "label", "sha256"]
+        paths = pd.concat(frame["path"] for frame in sides.values())
+        assert sorted(paths) == sorted(f"{cls}/{name}" for cls, names in METAL_SUBSET.items() for name in names)
+        hashes = {side: set(frame["sha256"]) for side, frame in sides.items()}
+        assert not hashes["train"] & hashes["test"] and not hashes["train"] & hashes["val"]
+        assert not hashes["val"] & hashes["test"]
+        for frame in sides.values():
+            assert set(frame["label"]) == {0, 1}
+
+
+def test_repro_writes_sane_run_metrics_and_misclassified_images(project: Path) -> None:
+    for run_index in RUNS:
+        metrics = read_json(project / "metrics" / "runs" / f"run-{run_index}.json")
+        for name in ("train_accuracy", "test_accuracy", "test_balanced_accuracy", "test_precision",
+                     "test_recall", "test_f1", "test_specificity", "test_roc_auc"):
+            assert 0 <= metrics[name] <= 1, name
+        matrix = metrics["confusion_matrix"]
+        assert sum(matrix.values()) == metrics["test_images"]
+        assert metrics["test_accuracy"] == pytest.approx((matrix["tp"] + matrix["tn"]) / metrics["test_images"], abs=1e-6)
+        assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 2
+        assert metrics["train_seconds"] > 0 and metrics["evaluate_seconds"] > 0
+        assert metrics["train_peak_rss_mb"] > 100 and metrics["pretrained"] is False
+
+        run_dir = project / "data" / "runs" / f"run-{run_index}"
+        predictions = pd.read_csv(run_dir / "eval" / "predictions.csv")
+        assert len(predictions) == metrics["test_images"]
+        assert predictions["score"].between(0, 1).all()
+        assert len(list((run_dir / "eval" / "false_positives").iterdir())) == matrix["fp"]
+        assert len(list((run_dir / "eval" / "false_negatives").iterdir())) == matrix["fn"]
+        history = pd.read_csv(run_dir / "model" / "history.csv")
+        assert len(history) == metrics["epochs_run"]
+        assert history.loc[history["val_loss"].idxmin(), "epoch"] == metrics["best_epoch"]
+        assert (run_dir / "model" / "model.pt").stat().st_size > 1_000_000
+
+
+def test_aggregate_averages_the_runs(project: Path) -> None:
+    summary = read_json(project / "metrics" / "summary.json")
+    table = pd.read_csv(project / "metrics" / "runs.csv")
+    assert summary["runs"] == len(RUNS) == len(table)
+    assert summary["weights"] == "random-init"
+    for name in ("test_accuracy", "test_precision", "test_recall", "test_f1", "train_seconds"):
+        assert summary[name]["mean"] == pytest.approx(table[name].mean(), abs=1e-5)
+        assert summary[name]["min"] <= summary[name]["mean"] <= summary[name]["max"]
+    assert sum(summary["confusion_matrix_mean"].values()) == pytest.approx(table["test_images"].mean())
+    log = (project / "first-repro.log").read_text()
+    assert "test_accuracy" in log and "±" in log and "random-init weights" in log
+
+
+def test_second_repro_has_nothing_to_do(project: Path) -> None:
+    result = run(["dvc", "repro"], project)
+    assert "Data and pipelines are up to date." in result.stdout
+    assert "Running stage" not in result.stdout
+
+
+def test_metrics_show_prints_the_average_and_every_run(project: Path) -> None:
+    shown = run(["dvc", "metrics", "show"], project).stdout
+    for expected in ("metrics/summary.json", "test_accuracy.mean", "test_recall.std",
+                     "metrics/runs/run-0.json", "metrics/runs/run-1.json", "test_balanced_accuracy"):
+        assert expected in shown
+
+
+def test_exp_run_with_another_seed_reruns_seeded_stages_and_metrics_diff_shows_it(project: Path) -> None:
+    before = (project / "data" / "runs" / "run-0" / "split" / "test.csv").read_text()
+    result = run(["dvc", "exp", "run", "-S", "seed=3"], project)
+    for stage in ("prepare-split@0", "train@1", "evaluate@0", "aggregate"):
+        assert f"Running stage '{stage}'" in result.stdout
+    assert "'data/raw.dvc' didn't change, skipping" in result.stdout
+    assert (project / "data" / "runs" / "run-0" / "split" / "test.csv").read_text() != before
+
+    diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], project).stdout)
+    summary = diff["metrics/summary.json"]
+    for key in ("test_accuracy.mean", "test_precision.mean", "test_recall.mean", "test_f1.mean", "train_seconds.mean"):
+        assert set(summary[key]) >= {"old", "new"}
+    assert summary["train_seconds.mean"]["old"] != summary["train_seconds.mean"]["new"]
+    table = run(["dvc", "metrics", "diff"], project).stdout
+    assert "train_seconds.mean" in table and "Change" in table
+
+
+def test_own_data_through_one_parameter(project: Path, tmp_path: Path) -> None:
+    fruit = shared_dataset(FRUIT)
+    subset = {cls: sorted(p.name for p in (fruit / cls).iterdir())[:10] for cls in ("fresh", "rotten")}
+    own = copy_subset(tmp_path / "my-images", fruit, subset)
+    run(["dvc", "exp", "run", "-S", f"data.dir={own}", "-S", "data.negative_class=fresh",
+         "-S", "data.positive_class=rotten"], project)
+    predictions = pd.read_csv(project / "data" / "runs" / "run-0" / "eval" / "predictions.csv")
+    assert predictions["path"].str.startswith(("fresh/", "rotten/")).all()
+    assert set(predictions.loc[predictions["path"].str.startswith("rotten/"), "label"]) == {1}
+    assert read_json(project / "metrics" / "summary.json")["runs"] == len(RUNS)
+
+
+def test_fresh_clone_runs_with_repro_pull(project: Path, tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    result = run(["dvc", "repro", "--pull"], clone)
+    assert "Running stage 'aggregate'" in result.stdout
+    assert len(list((clone / "data" / "raw" / "clean").iterdir())) == len(METAL_SUBSET["clean"])
+    assert read_json(clone / "metrics" / "summary.json")["runs"] == len(RUNS)
