@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import re
 import resource
 import sys
 import tempfile
@@ -28,6 +29,7 @@ PARAMS_FILE = Path("params.yaml")
 RUNS_DIR = Path("data/runs")
 RUN_METRICS_DIR = Path("metrics/runs")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+SYSTEM_FILES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
@@ -49,12 +51,15 @@ class DataParams:
     dir: Path
     negative_class: str
     positive_class: str
+    strict: bool
 
 
 @dataclass(frozen=True)
 class SplitParams:
     test_ratio: float
     val_ratio: float
+    group_pattern: str
+    near_duplicate_rms: float
 
 
 @dataclass(frozen=True)
@@ -133,10 +138,13 @@ def parse_params(tree: dict[str, Any]) -> Params:
             dir=Path(_get(tree, "data.dir", str)),
             negative_class=_get(tree, "data.negative_class", str),
             positive_class=_get(tree, "data.positive_class", str),
+            strict=_get(tree, "data.strict", bool),
         ),
         split=SplitParams(
             test_ratio=float(_get(tree, "split.test_ratio", number)),
             val_ratio=float(_get(tree, "split.val_ratio", number)),
+            group_pattern=_get(tree, "split.group_pattern", str),
+            near_duplicate_rms=float(_get(tree, "split.near_duplicate_rms", number)),
         ),
         model=ModelParams(
             arch=_get(tree, "model.arch", str),
@@ -162,6 +170,13 @@ def parse_params(tree: dict[str, Any]) -> Params:
     for name in ("test_ratio", "val_ratio"):
         value = getattr(params.split, name)
         _require(0 < value < 1, f"'split.{name}' must lie strictly between 0 and 1, got {value}")
+    try:
+        re.compile(params.split.group_pattern)
+    except re.error as error:
+        raise PipelineError(f"params.yaml: 'split.group_pattern' is not a valid regular expression: {error}") from error
+    _require(0 <= params.split.near_duplicate_rms <= 255,
+             f"'split.near_duplicate_rms' must lie in 0..255 grey levels (0 turns the check off), "
+             f"got {params.split.near_duplicate_rms}")
     _require(params.model.arch in ARCHITECTURES,
              f"'model.arch' must be one of {', '.join(ARCHITECTURES)}, got {params.model.arch!r}")
     _require(params.model.image_size >= 32,
@@ -304,22 +319,15 @@ def write_csv_atomic(path: Path, frame: pd.DataFrame) -> None:
     write_text_atomic(path, frame.to_csv(index=False))
 
 
-def save_torch_atomic(path: Path, obj: Any) -> None:
-    """torch.save through a temporary file and a rename."""
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a fresh temporary folder beside ``path``; on success it replaces ``path`` in one rename.
+
+    Temporary folders that a killed earlier attempt left beside ``path`` are removed first.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
@@ -338,19 +346,65 @@ def read_json(path: Path) -> Any:
 # --------------------------------------------------------------------------- images
 
 
-def list_images(root: Path) -> Iterator[Path]:
-    """Image files under ``root`` (recursively), sorted, hidden files skipped."""
+@dataclass(frozen=True)
+class FolderListing:
+    """What a class folder holds: image files, and other files that are not images."""
+
+    images: list[Path]
+    others: list[Path]
+
+
+def list_folder(root: Path) -> FolderListing:
+    """Files under ``root`` (recursively, sorted): images by extension, and everything else.
+
+    Hidden files and folders (``.DS_Store``, ``.git``) and system files (``Thumbs.db``) are left out of both.
+    """
+    images, others = [], []
     for path in sorted(root.rglob("*")):
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                yield path
+        relative = path.relative_to(root)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.name.lower() in SYSTEM_FILES:
+            continue
+        (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    return FolderListing(images, others)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16/32-bit greyscale scaled down, transparency composited onto white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(values / peak * 255.0, 0, 255).round().astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode an image fully: EXIF orientation applied, converted to 8-bit RGB.
+
+    Raises PipelineError naming the file when it is empty, truncated, not an image or too large.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as error:
+        raise PipelineError(f"{path}: too large to decode safely ({error})") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        reason = "empty file" if path.stat().st_size == 0 else f"{type(error).__name__}: {error}"
+        raise PipelineError(f"{path}: cannot be decoded as an image ({reason})") from error
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:
-    """Decode an image (EXIF orientation applied), convert to RGB, resize to size x size, uint8 CHW."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    """Decode an image, convert to RGB, resize to size x size; uint8 CHW tensor."""
+    rgb = open_rgb(path).resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from stages.common import (
     Params,
+    PipelineError,
     RunPaths,
     TrainParams,
     atomic_dir,
@@ -27,7 +28,6 @@ from stages.common import (
     resolve_device,
     run_arg,
     run_seed,
-    save_torch_atomic,
     seed_everything,
     weights_label,
     write_csv_atomic,
@@ -113,7 +113,7 @@ def fit(
         train_loss, train_accuracy = train_one_epoch(model, optimizer, *train_data, settings.batch_size, device, generator)
         val_loss, val_accuracy = validate(model, *val_data, settings.batch_size, device)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            raise RuntimeError(
+            raise PipelineError(
                 f"run {run}, epoch {epoch}: loss is not finite (train {train_loss}, val {val_loss}); "
                 f"lower 'train.lr' or check the input images"
             )
@@ -177,13 +177,13 @@ def main() -> None:
     if device.type == "cuda":
         summary["train_peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     with atomic_dir(paths.model_dir) as out:
-        save_torch_atomic(out / "model.pt", {
+        torch.save({
             "arch": params.model.arch,
             "image_size": params.model.image_size,
             "weights": weights_label(params.model.pretrained),
             "best_epoch": summary["best_epoch"],
             "state_dict": best_state,
-        })
+        }, out / "model.pt")
         write_csv_atomic(out / "history.csv", history)
         write_json_atomic(out / "train_summary.json", summary)
     log.info("run %d: best epoch %d of %d (val loss %.4f), %.0f s, peak RSS %.0f MB", run, summary["best_epoch"],

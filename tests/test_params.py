@@ -43,6 +43,9 @@ def test_project_params_are_valid() -> None:
         ("runs", 10, "runs"),
         ("seed", True, "seed"),
         ("data.positive_class", "clean", "data.positive_class"),
+        ("data.strict", "no", "data.strict"),
+        ("split.group_pattern", "part(", "split.group_pattern"),
+        ("split.near_duplicate_rms", -1, "split.near_duplicate_rms"),
     ],
 )
 def test_bad_parameter_is_named(dotted: str, value: object, named: str) -> None:

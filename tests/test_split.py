@@ -9,17 +9,17 @@ import pandas as pd
 import pytest
 
 from stages.common import SPLITS, PipelineError, run_seed
-from stages.prepare_split import scan_dataset, split_groups, split_report
+from stages.prepare_split import group_ids, scan_dataset, split_groups, split_report
 from tests.conftest import METAL, shared_dataset
 
 
 @pytest.fixture(scope="module")
 def metal_table() -> pd.DataFrame:
-    return scan_dataset(shared_dataset(METAL), "clean", "faulty")
+    return scan_dataset(shared_dataset(METAL), "clean", "faulty")[0]
 
 
 def split(table: pd.DataFrame, seed: int, test_ratio: float = 0.3, val_ratio: float = 0.2) -> pd.Series:
-    return split_groups(table, test_ratio, val_ratio, np.random.default_rng(seed))
+    return split_groups(table, group_ids(table, ""), test_ratio, val_ratio, np.random.default_rng(seed))
 
 
 def test_scan_reads_every_image_with_its_label_and_hash(metal_table: pd.DataFrame) -> None:
@@ -60,7 +60,7 @@ def test_split_is_deterministic_per_seed_and_differs_between_runs(metal_table: p
 
 def test_report_counts_duplicates(metal_table: pd.DataFrame) -> None:
     assignment = split(metal_table, 1)
-    report = split_report(metal_table, assignment, 1)
+    report = split_report(metal_table, group_ids(metal_table, ""), assignment, 1)
     assert report["images"] == 700 and report["distinct_images"] == 574
     # clean: 48 pairs + 1 group of 4; faulty: 25 groups of 4 pitted_surface images.
     assert report["duplicate_groups"] == 74
@@ -92,7 +92,7 @@ def test_empty_class_is_refused(tmp_path: Path) -> None:
     make_images(tmp_path / "clean", 3)
     (tmp_path / "faulty").mkdir()
     (tmp_path / "faulty" / ".DS_Store").write_bytes(b"\0")
-    with pytest.raises(PipelineError, match=r"faulty holds no images"):
+    with pytest.raises(PipelineError, match=r"faulty holds no readable images"):
         scan_dataset(tmp_path, "clean", "faulty")
 
 
@@ -106,6 +106,6 @@ def test_same_image_in_both_classes_is_refused(tmp_path: Path) -> None:
 def test_class_too_small_for_the_split_is_refused(tmp_path: Path) -> None:
     make_images(tmp_path / "clean", 2)
     make_images(tmp_path / "faulty", 20, start=50)
-    table = scan_dataset(tmp_path, "clean", "faulty")
+    table = scan_dataset(tmp_path, "clean", "faulty")[0]
     with pytest.raises(PipelineError, match=r"label 0 has 2 images.*too few.*split\.test_ratio"):
         split(table, 0)

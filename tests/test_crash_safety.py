@@ -1,0 +1,100 @@
+"""Killed or interrupted stages leave no half-written outputs and the next dvc repro recovers; reruns are bit-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import SMALL, commit_all, make_project, run, write_params
+
+TIMING_KEYS = ("seconds", "rss", "cuda")
+
+
+@pytest.fixture
+def project(tmp_path: Path, metal_subset: Path) -> Path:
+    path = make_project(tmp_path / "project")
+    write_params(path, {**SMALL, "runs": [0], "data.dir": str(metal_subset), "train.max_epochs": 4,
+                        "train.min_epochs": 4})
+    commit_all(path, "project")
+    return path
+
+
+def start_repro(project: Path) -> subprocess.Popen:
+    return subprocess.Popen(["dvc", "repro"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def read_until(process: subprocess.Popen, marker: str, timeout: float = 300) -> str:
+    """Read the process's output until a line holds ``marker``."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    process.kill()
+    pytest.fail(f"never saw {marker!r} in:\n{''.join(seen)}")
+
+
+def stage_process(process: subprocess.Popen, module: str) -> psutil.Process:
+    for child in psutil.Process(process.pid).children(recursive=True):
+        if module in " ".join(child.cmdline()):
+            return child
+    pytest.fail(f"no {module} process under dvc repro")
+
+
+def assert_recovers(project: Path) -> None:
+    """No output of the interrupted run is left half-written, and a plain dvc repro finishes the job."""
+    run_dir = project / "data" / "runs" / "run-0"
+    assert not (run_dir / "model").exists() and not (project / "metrics" / "runs" / "run-0.json").exists()
+    result = run(["dvc", "repro"], project)
+    assert "Running stage 'train@0'" in result.stdout and "Running stage 'aggregate'" in result.stdout
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) in ([], [".gitignore"])
+    assert json.loads((project / "metrics" / "summary.json").read_text())["runs"] == 1
+
+
+def test_sigkill_during_training_then_repro_recovers(project: Path) -> None:
+    process = start_repro(project)
+    read_until(process, "run 0 epoch 2/4")
+    stage_process(process, "stages.train").kill()
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode != 0, output
+    assert_recovers(project)
+
+
+def test_ctrl_c_stops_cleanly_with_a_short_message(project: Path) -> None:
+    process = start_repro(project)
+    before = read_until(process, "run 0 epoch 1/4")
+    os.killpg(process.pid, signal.SIGINT)
+    output = before + process.communicate(timeout=120)[0]
+    assert process.returncode != 0
+    assert "interrupted" in output and "rerun 'dvc repro'" in output
+    assert "Traceback" not in output
+    assert_recovers(project)
+
+
+def without_timings(metrics: dict) -> dict:
+    return {key: value for key, value in metrics.items() if not any(word in key for word in TIMING_KEYS)}
+
+
+def test_forced_rerun_is_bit_identical(project: Path) -> None:
+    run(["dvc", "repro"], project)
+    run_dir = project / "data" / "runs" / "run-0"
+    files = ["split/train.csv", "split/val.csv", "split/test.csv", "eval/predictions.csv", "model/model.pt"]
+    first = {name: (run_dir / name).read_bytes() for name in files}
+    first_metrics = json.loads((project / "metrics" / "runs" / "run-0.json").read_text())
+    run(["dvc", "repro", "-f"], project)
+    for name in files:
+        assert (run_dir / name).read_bytes() == first[name], name
+    second_metrics = json.loads((project / "metrics" / "runs" / "run-0.json").read_text())
+    assert without_timings(second_metrics) == without_timings(first_metrics)
+    assert "test_accuracy" in without_timings(first_metrics)
