@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common import PipelineError, RunPaths, load_params, main_guard, read_json, write_csv_atomic, write_json_atomic
+from stages.common import (
+    PipelineError,
+    RunPaths,
+    load_params,
+    main_guard,
+    read_json,
+    write_csv_atomic,
+    write_json_atomic,
+)
 
 log = logging.getLogger("anomaly_pipeline.aggregate")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import shutil
 import json
 import logging
 import os
 import random
 import re
 import resource
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass

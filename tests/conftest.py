@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ANOMALY_SHARED_DIR", PROJECT.parent / "shared"))
 METAL = SHARED / "datasets" / "metal-surface"
 FRUIT = SHARED / "datasets" / "fruit"
+DVC = (sys.executable, "-m", "dvc")
 PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/.gitignore")
 
 # A small real subset of metal-surface, chosen to hold byte-identical copies
@@ -78,8 +80,8 @@ def make_project(destination: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     init_git(destination)
-    run(["dvc", "init", "-q"], destination)
-    run(["dvc", "config", "core.analytics", "false"], destination)
+    run([*DVC, "init", "-q"], destination)
+    run([*DVC, "config", "core.analytics", "false"], destination)
     return destination
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,21 @@ import pytest
 from PIL import Image
 
 from stages.common import PipelineError, load_image, open_rgb
-from stages.prepare_split import group_ids, naive_split_leakage, near_duplicates, scan_dataset, split_groups
-from tests.conftest import METAL, copy_subset, make_project, run, shared_dataset, write_params, SMALL
+from stages.prepare_split import (
+    group_ids,
+    naive_split_leakage,
+    near_duplicates,
+    scan_dataset,
+    split_groups,
+)
+from tests.conftest import (
+    METAL,
+    SMALL,
+    make_project,
+    run,
+    shared_dataset,
+    write_params,
+)
 
 
 def save(image: Image.Image, path: Path, **options: object) -> Path:
@@ -159,7 +173,7 @@ def test_only_one_class_and_extra_folders(tmp_path: Path, caplog: pytest.LogCapt
 def test_stage_reports_a_bad_data_folder_in_one_line(tmp_path: Path) -> None:
     project = make_project(tmp_path / "project")
     write_params(project, {**SMALL, "data.dir": str(tmp_path / "missing")})
-    result = run(["python", "-m", "stages.prepare_split", "--run", "0"], project, check=False)
+    result = run([sys.executable, "-m", "stages.prepare_split", "--run", "0"], project, check=False)
     assert result.returncode == 1
     assert "missing does not exist" in result.stderr and "data.dir" in result.stderr
     assert "Traceback" not in result.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import SMALL, commit_all, make_project, run, write_params
+from tests.conftest import DVC, SMALL, commit_all, make_project, run, write_params
 
 TIMING_KEYS = ("seconds", "rss", "cuda")
 
@@ -27,7 +27,7 @@ def project(tmp_path: Path, metal_subset: Path) -> Path:
 
 
 def start_repro(project: Path) -> subprocess.Popen:
-    return subprocess.Popen(["dvc", "repro"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen([*DVC, "repro"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
 
 
@@ -56,7 +56,7 @@ def assert_recovers(project: Path) -> None:
     """No output of the interrupted run is left half-written, and a plain dvc repro finishes the job."""
     run_dir = project / "data" / "runs" / "run-0"
     assert not (run_dir / "model").exists() and not (project / "metrics" / "runs" / "run-0.json").exists()
-    result = run(["dvc", "repro"], project)
+    result = run([*DVC, "repro"], project)
     assert "Running stage 'train@0'" in result.stdout and "Running stage 'aggregate'" in result.stdout
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) in ([], [".gitignore"])
     assert json.loads((project / "metrics" / "summary.json").read_text())["runs"] == 1
@@ -87,12 +87,12 @@ def without_timings(metrics: dict) -> dict:
 
 
 def test_forced_rerun_is_bit_identical(project: Path) -> None:
-    run(["dvc", "repro"], project)
+    run([*DVC, "repro"], project)
     run_dir = project / "data" / "runs" / "run-0"
     files = ["split/train.csv", "split/val.csv", "split/test.csv", "eval/predictions.csv", "model/model.pt"]
     first = {name: (run_dir / name).read_bytes() for name in files}
     first_metrics = json.loads((project / "metrics" / "runs" / "run-0.json").read_text())
-    run(["dvc", "repro", "-f"], project)
+    run([*DVC, "repro", "-f"], project)
     for name in files:
         assert (run_dir / name).read_bytes() == first[name], name
     second_metrics = json.loads((project / "metrics" / "runs" / "run-0.json").read_text())

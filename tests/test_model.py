@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def test_offline_without_cache_names_both_remedies(offline: Path) -> None:
 def test_train_stage_stops_offline_before_any_training(offline: Path, tmp_path: Path) -> None:
     project = make_project(tmp_path / "project")
     write_params(project, {**SMALL, "model.pretrained": True, "data.dir": str(tmp_path / "not-read")})
-    result = run(["python", "-m", "stages.train", "--run", "0"], project, check=False)
+    result = run([sys.executable, "-m", "stages.train", "--run", "0"], project, check=False)
     assert result.returncode == 1
     assert "TORCH_HOME" in result.stderr and "model.pretrained: false" in result.stderr
     assert "Traceback" not in result.stderr

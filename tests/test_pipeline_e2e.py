@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import (
+    DVC,
     FRUIT,
     METAL,
     METAL_SUBSET,
@@ -43,9 +44,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, source_repo: tuple[Path, s
     path = make_project(tmp_path_factory.mktemp("e2e") / "project")
     write_params(path, SMALL)
     source, commit = source_repo
-    run(["dvc", "import", str(source), "dataset", "-o", "data/raw", "--rev", commit], path)
+    run([*DVC, "import", str(source), "dataset", "-o", "data/raw", "--rev", commit], path)
     commit_all(path, "project with imported data")
-    result = run(["dvc", "repro"], path)
+    result = run([*DVC, "repro"], path)
     (path / "first-repro.log").write_text(result.stdout + result.stderr)
     commit_all(path, "first reproduction")
     return path
@@ -108,13 +109,13 @@ def test_aggregate_averages_the_runs(project: Path) -> None:
 
 
 def test_second_repro_has_nothing_to_do(project: Path) -> None:
-    result = run(["dvc", "repro"], project)
+    result = run([*DVC, "repro"], project)
     assert "Data and pipelines are up to date." in result.stdout
     assert "Running stage" not in result.stdout
 
 
 def test_metrics_show_prints_the_average_and_every_run(project: Path) -> None:
-    shown = run(["dvc", "metrics", "show"], project).stdout
+    shown = run([*DVC, "metrics", "show"], project).stdout
     for expected in ("metrics/summary.json", "test_accuracy.mean", "test_recall.std",
                      "metrics/runs/run-0.json", "metrics/runs/run-1.json", "test_balanced_accuracy"):
         assert expected in shown
@@ -122,18 +123,18 @@ def test_metrics_show_prints_the_average_and_every_run(project: Path) -> None:
 
 def test_exp_run_with_another_seed_reruns_seeded_stages_and_metrics_diff_shows_it(project: Path) -> None:
     before = (project / "data" / "runs" / "run-0" / "split" / "test.csv").read_text()
-    result = run(["dvc", "exp", "run", "-S", "seed=3"], project)
+    result = run([*DVC, "exp", "run", "-S", "seed=3"], project)
     for stage in ("prepare-split@0", "train@1", "evaluate@0", "aggregate"):
         assert f"Running stage '{stage}'" in result.stdout
     assert "'data/raw.dvc' didn't change, skipping" in result.stdout
     assert (project / "data" / "runs" / "run-0" / "split" / "test.csv").read_text() != before
 
-    diff = json.loads(run(["dvc", "metrics", "diff", "--all", "--json"], project).stdout)
+    diff = json.loads(run([*DVC, "metrics", "diff", "--all", "--json"], project).stdout)
     summary = diff["metrics/summary.json"]
     for key in ("test_accuracy.mean", "test_precision.mean", "test_recall.mean", "test_f1.mean", "train_seconds.mean"):
         assert set(summary[key]) >= {"old", "new"}
     assert summary["train_seconds.mean"]["old"] != summary["train_seconds.mean"]["new"]
-    table = run(["dvc", "metrics", "diff"], project).stdout
+    table = run([*DVC, "metrics", "diff"], project).stdout
     assert "train_seconds.mean" in table and "Change" in table
 
 
@@ -141,7 +142,7 @@ def test_own_data_through_one_parameter(project: Path, tmp_path: Path) -> None:
     fruit = shared_dataset(FRUIT)
     subset = {cls: sorted(p.name for p in (fruit / cls).iterdir())[:10] for cls in ("fresh", "rotten")}
     own = copy_subset(tmp_path / "my-images", fruit, subset)
-    run(["dvc", "exp", "run", "-S", f"data.dir={own}", "-S", "data.negative_class=fresh",
+    run([*DVC, "exp", "run", "-S", f"data.dir={own}", "-S", "data.negative_class=fresh",
          "-S", "data.positive_class=rotten"], project)
     predictions = pd.read_csv(project / "data" / "runs" / "run-0" / "eval" / "predictions.csv")
     assert predictions["path"].str.startswith(("fresh/", "rotten/")).all()
@@ -152,7 +153,7 @@ def test_own_data_through_one_parameter(project: Path, tmp_path: Path) -> None:
 def test_fresh_clone_runs_with_repro_pull(project: Path, tmp_path: Path) -> None:
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
-    result = run(["dvc", "repro", "--pull"], clone)
+    result = run([*DVC, "repro", "--pull"], clone)
     assert "Running stage 'aggregate'" in result.stdout
     assert len(list((clone / "data" / "raw" / "clean").iterdir())) == len(METAL_SUBSET["clean"])
     assert read_json(clone / "metrics" / "summary.json")["runs"] == len(RUNS)
