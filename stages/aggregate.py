@@ -1,4 +1,4 @@
-"""aggregate: average the runs' metrics into metrics/summary.json and tabulate them in metrics/runs.csv."""
+"""aggregate: average the runs' metrics (metrics/summary.json), tabulate them, write plot data and the HTML report."""
 
 from __future__ import annotations
 
@@ -6,27 +6,34 @@ import logging
 from pathlib import Path
 
 import pandas as pd
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 from stages.common import (
+    Params,
     PipelineError,
     RunPaths,
     load_params,
     main_guard,
+    misclassified_copy,
     read_json,
     write_csv_atomic,
     write_json_atomic,
+    write_text_atomic,
 )
+from stages.report import render_report
 
 log = logging.getLogger("anomaly_pipeline.aggregate")
 
 SUMMARY_FILE = Path("metrics/summary.json")
 RUNS_TABLE_FILE = Path("metrics/runs.csv")
+REPORT_FILE = Path("metrics/report.html")
+PLOTS_DIR = Path("metrics/plots")
 HEADLINE = ("test_accuracy", "test_balanced_accuracy", "test_precision", "test_recall", "test_f1",
-            "train_accuracy", "train_seconds", "train_peak_rss_mb")
+            "train_accuracy", "run_seconds", "train_peak_rss_mb")
 
 
 def runs_table(runs: tuple[int, ...]) -> pd.DataFrame:
-    """One row per run, the confusion matrix flattened into cm_tn, cm_fp, cm_fn, cm_tp."""
+    """One row per run, the confusion matrix flattened into cm_tn, cm_fp, cm_fn, cm_tp; run_seconds added."""
     rows = []
     for run in runs:
         path = RunPaths(run).metrics_file
@@ -35,7 +42,8 @@ def runs_table(runs: tuple[int, ...]) -> pd.DataFrame:
         metrics = read_json(path)
         matrix = metrics.pop("confusion_matrix")
         rows.append({**metrics, **{f"cm_{cell}": count for cell, count in matrix.items()}})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    return table.assign(run_seconds=(table["train_seconds"] + table["evaluate_seconds"]).round(2))
 
 
 def summarize(table: pd.DataFrame) -> dict:
@@ -57,7 +65,7 @@ def summarize(table: pd.DataFrame) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    """The headline metrics as a small text table (mean ± std, min–max)."""
+    """The headline metrics as a small text table (mean ± std, min – max)."""
     lines = [f"{summary['runs']} runs, {summary['weights']} weights", f"{'metric':<24}{'mean ± std':>22}{'min – max':>24}"]
     for name in HEADLINE:
         stats = summary[name]
@@ -66,13 +74,49 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def per_run_frames(runs: tuple[int, ...], class_names: tuple[str, str]) -> tuple[pd.DataFrame, ...]:
+    """All runs' test predictions, training histories, ROC and precision-recall curves, misclassified images."""
+    predictions, histories, roc, pr, wrong = [], [], [], [], []
+    for run in runs:
+        paths = RunPaths(run)
+        scored = pd.read_csv(paths.eval_dir / "predictions.csv")
+        predictions.append(scored.assign(run=run))
+        histories.append(pd.read_csv(paths.history_file).assign(run=run))
+        if scored["label"].nunique() == 2:
+            fpr, tpr, _ = roc_curve(scored["label"], scored["score"])
+            roc.append(pd.DataFrame({"run": run, "fpr": fpr, "tpr": tpr}))
+            precision, recall, _ = precision_recall_curve(scored["label"], scored["score"])
+            pr.append(pd.DataFrame({"run": run, "recall": recall, "precision": precision}))
+        for row in scored[scored["label"] != scored["predicted"]].itertuples(index=False):
+            wrong.append({"run": run, "path": row.path, "label": row.label, "score": row.score,
+                          "kind": "false positive" if row.label == 0 else "false negative",
+                          "file": str(misclassified_copy(paths.eval_dir, row.path, row.label))})
+    names = {0: class_names[0], 1: class_names[1]}
+    all_predictions = pd.concat(predictions, ignore_index=True)
+    all_predictions = all_predictions.assign(label=all_predictions["label"].map(names),
+                                             predicted=all_predictions["predicted"].map(names))
+    columns = ["run", "path", "label", "score", "kind", "file"]
+    return (all_predictions[["run", "path", "label", "predicted", "score"]],
+            pd.concat(histories, ignore_index=True), pd.concat(roc or [pd.DataFrame(columns=["run", "fpr", "tpr"])]),
+            pd.concat(pr or [pd.DataFrame(columns=["run", "recall", "precision"])]),
+            pd.DataFrame(wrong, columns=columns).sort_values(["kind", "run", "path"]))
+
+
 def main() -> None:
-    params = load_params()
+    params: Params = load_params()
+    class_names = (params.data.negative_class, params.data.positive_class)
     table = runs_table(params.runs)
     summary = summarize(table)
+    predictions, history, roc, precision_recall, misclassified = per_run_frames(params.runs, class_names)
     write_csv_atomic(RUNS_TABLE_FILE, table)
     write_json_atomic(SUMMARY_FILE, summary)
-    log.info("summary over runs %s:\n%s", list(params.runs), format_summary(summary))
+    write_csv_atomic(PLOTS_DIR / "predictions.csv", predictions)
+    write_csv_atomic(PLOTS_DIR / "history.csv", history)
+    write_csv_atomic(PLOTS_DIR / "roc.csv", roc.round(6))
+    write_csv_atomic(PLOTS_DIR / "precision_recall.csv", precision_recall.round(6))
+    write_text_atomic(REPORT_FILE, render_report(summary, table, history, roc, precision_recall, misclassified,
+                                                 params.data.dir, class_names))
+    log.info("summary over runs %s (report: %s):\n%s", list(params.runs), REPORT_FILE, format_summary(summary))
 
 
 if __name__ == "__main__":

@@ -261,12 +261,22 @@ class RunPaths:
         return self.model_dir / "train_summary.json"
 
     @property
+    def live_dir(self) -> Path:
+        return self.root / "live"
+
+    @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
 
     @property
     def metrics_file(self) -> Path:
         return RUN_METRICS_DIR / f"run-{self.run}.json"
+
+
+def misclassified_copy(eval_dir: Path, relative: str, label: int) -> Path:
+    """Where evaluate copies a misclassified test image: false_positives/ (true label clean) or false_negatives/."""
+    folder = "false_positives" if label == 0 else "false_negatives"
+    return eval_dir / folder / relative.replace("/", "__")
 
 
 def run_arg(description: str, params: Params) -> int:

@@ -26,6 +26,7 @@ from stages.common import (
     load_images,
     load_params,
     main_guard,
+    misclassified_copy,
     peak_rss_mb,
     predict_scores,
     read_json,
@@ -82,11 +83,10 @@ def main() -> None:
     )
     with atomic_dir(paths.eval_dir) as out:
         write_csv_atomic(out / "predictions.csv", predictions)
-        for folder, wrong in (("false_positives", (predictions.label == 0) & (predictions.predicted == 1)),
-                              ("false_negatives", (predictions.label == 1) & (predictions.predicted == 0))):
+        for folder in ("false_positives", "false_negatives"):
             (out / folder).mkdir()
-            for relative in predictions.loc[wrong, "path"]:
-                shutil.copy2(params.data.dir / relative, out / folder / relative.replace("/", "__"))
+        for row in predictions[predictions.label != predictions.predicted].itertuples(index=False):
+            shutil.copy2(params.data.dir / row.path, misclassified_copy(out, row.path, row.label))
     evaluate_seconds = time.perf_counter() - started
     train_summary = read_json(paths.train_summary_file)
     metrics = {

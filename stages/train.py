@@ -6,9 +6,11 @@ import copy
 import logging
 import math
 import time
+from typing import Callable
 
 import pandas as pd
 import torch
+from dvclive import Live
 from tqdm import tqdm
 
 from stages.common import (
@@ -96,11 +98,13 @@ def fit(
     device: torch.device,
     generator: torch.Generator,
     run: int,
+    on_epoch: Callable[[dict], None] = lambda record: None,
 ) -> tuple[dict[str, torch.Tensor], pd.DataFrame]:
     """Train with Adam and ReduceLROnPlateau, early stopping on validation loss.
 
     Runs at least ``min_epochs`` and at most ``max_epochs`` epochs, stops once the validation loss has
     not improved for ``patience`` epochs, and returns a copy of the best epoch's weights with the history.
+    ``on_epoch`` receives each epoch's record (epoch, losses, accuracies, lr, seconds) as it ends.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -127,6 +131,7 @@ def fit(
         seconds = time.perf_counter() - started
         history.append(dict(epoch=epoch, train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
                             val_accuracy=val_accuracy, lr=learning_rate, seconds=seconds, best=improved))
+        on_epoch(history[-1])
         log.info("run %d epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | lr %.1e | %.1f s%s",
                  run, epoch, settings.max_epochs, train_loss, train_accuracy, val_loss, val_accuracy,
                  learning_rate, seconds, " *" if improved else "")
@@ -135,6 +140,15 @@ def fit(
             break
     assert best_state is not None
     return best_state, pd.DataFrame(history)
+
+
+def log_epoch(live: Live, record: dict) -> None:
+    """One epoch into dvclive: train/val loss and accuracy, learning rate."""
+    for split in ("train", "val"):
+        live.log_metric(f"{split}/loss", record[f"{split}_loss"])
+        live.log_metric(f"{split}/accuracy", record[f"{split}_accuracy"])
+    live.log_metric("lr", record["lr"])
+    live.next_step()
 
 
 def load_split(params: Params, paths: RunPaths, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +175,10 @@ def main() -> None:
     log.info("run %d: training %s (%s weights) on %s: %d train, %d val images", run, params.model.arch,
              weights_label(params.model.pretrained), device, len(train_data[0]), len(val_data[0]))
     generator = torch.Generator().manual_seed(seed)
-    best_state, history = fit(model, train_data, val_data, params.train, device, generator, run)
+    with Live(dir=str(paths.live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        live.log_params({"run": run, "seed": seed, "weights": weights_label(params.model.pretrained)})
+        best_state, history = fit(model, train_data, val_data, params.train, device, generator, run,
+                                  on_epoch=lambda record: log_epoch(live, record))
     train_seconds = time.perf_counter() - started
     best = history.loc[history["val_loss"].idxmin()]
     summary = {

@@ -82,6 +82,7 @@ def make_project(destination: Path) -> Path:
     init_git(destination)
     run([*DVC, "init", "-q"], destination)
     run([*DVC, "config", "core.analytics", "false"], destination)
+    shutil.copytree(PROJECT / ".dvc" / "plots", destination / ".dvc" / "plots")  # the project's plot templates
     return destination
 
 

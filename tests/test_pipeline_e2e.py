@@ -6,6 +6,7 @@ Small settings (2 runs, 1-2 epochs, 32 px, random init) on a real subset of meta
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -121,6 +122,62 @@ def test_metrics_show_prints_the_average_and_every_run(project: Path) -> None:
         assert expected in shown
 
 
+PLOT_NAMES = ("Confusion matrix, test images of all runs", "Validation loss per epoch", "Training loss per epoch",
+              "ROC curve per run", "Precision-recall curve per run")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def misclassified_total(project: Path) -> int:
+    return sum(read_json(project / "metrics" / "runs" / f"run-{r}.json")["confusion_matrix"][cell]
+               for r in RUNS for cell in ("fp", "fn"))
+
+
+def test_dvclive_logs_every_epoch_of_every_run_in_its_own_folder(project: Path) -> None:
+    for run_index in RUNS:
+        live = project / "data" / "runs" / f"run-{run_index}" / "live"
+        epochs = read_json(project / "metrics" / "runs" / f"run-{run_index}.json")["epochs_run"]
+        for metric in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr"):
+            rows = pd.read_csv(live / "plots" / "metrics" / f"{metric}.tsv", sep="\t")
+            assert list(rows["step"]) == list(range(epochs)), metric
+        assert not (live / "dvc.yaml").exists()
+
+
+def test_plots_show_renders_every_declared_plot_over_all_runs(project: Path) -> None:
+    plots = json.loads(run([*DVC, "plots", "show", "--json"], project).stdout)["data"]
+    assert set(PLOT_NAMES) <= set(plots)
+    for name in PLOT_NAMES[1:]:
+        values = plots[name][0]["content"]["data"]["values"]
+        assert {value["run"] for value in values} == {str(r) for r in RUNS}, name
+    confusion = plots[PLOT_NAMES[0]][0]["content"]["data"]["values"]
+    test_images = sum(read_json(project / "metrics" / "runs" / f"run-{r}.json")["test_images"] for r in RUNS)
+    assert len(confusion) == test_images
+    assert {value["label"] for value in confusion} == {"clean", "faulty"}
+
+
+def test_report_holds_summary_runs_curves_and_misclassified_images(project: Path) -> None:
+    report = (project / "metrics" / "report.html").read_text()
+    for heading in ("Summary over runs", "study (reference)", "95.43 %", "Mean confusion matrix", "Curves",
+                    "Misclassified test images"):
+        assert heading in report
+    assert report.count("<figure>") == misclassified_total(project)
+    assert report.count('src="data:image/png;base64,') == 4
+    assert "random-init</b> weights" in report
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="Chromium is not installed here (apt-get install chromium); .ci/run installs it")
+def test_report_renders_in_headless_chromium(project: Path, tmp_path: Path) -> None:
+    page = (project / "metrics" / "report.html").as_uri()
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    screenshot = tmp_path / "report.png"
+    run(["chromium", *flags, "--window-size=1280,2400", f"--screenshot={screenshot}", page], tmp_path)
+    assert screenshot.stat().st_size > 50_000  # a rendered page, not a blank one
+    dom = run(["chromium", *flags, "--dump-dom", page], tmp_path).stdout
+    assert "Summary over runs" in dom
+    assert dom.count("<img") == 4 + misclassified_total(project)
+
+
 def test_exp_run_with_another_seed_reruns_seeded_stages_and_metrics_diff_shows_it(project: Path) -> None:
     before = (project / "data" / "runs" / "run-0" / "split" / "test.csv").read_text()
     result = run([*DVC, "exp", "run", "-S", "seed=3"], project)
@@ -136,6 +193,10 @@ def test_exp_run_with_another_seed_reruns_seeded_stages_and_metrics_diff_shows_i
     assert summary["train_seconds.mean"]["old"] != summary["train_seconds.mean"]["new"]
     table = run([*DVC, "metrics", "diff"], project).stdout
     assert "train_seconds.mean" in table and "Change" in table
+
+    plots = json.loads(run([*DVC, "plots", "diff", "HEAD", "--json"], project).stdout)["data"]
+    for name in PLOT_NAMES:
+        assert set(plots[name][0]["revisions"]) == {"HEAD", "workspace"}, name
 
 
 def test_own_data_through_one_parameter(project: Path, tmp_path: Path) -> None:
