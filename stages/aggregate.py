@@ -20,6 +20,7 @@ from stages.common import (
     write_json_atomic,
     write_text_atomic,
 )
+from stages.explain import heatmap_path
 from stages.report import render_report
 
 log = logging.getLogger("anomaly_pipeline.aggregate")
@@ -88,14 +89,16 @@ def per_run_frames(runs: tuple[int, ...], class_names: tuple[str, str]) -> tuple
             precision, recall, _ = precision_recall_curve(scored["label"], scored["score"])
             pr.append(pd.DataFrame({"run": run, "recall": recall, "precision": precision}))
         for row in scored[scored["label"] != scored["predicted"]].itertuples(index=False):
+            copy = misclassified_copy(paths.eval_dir, row.path, row.label)
+            heatmap = heatmap_path(copy)
             wrong.append({"run": run, "path": row.path, "label": row.label, "score": row.score,
                           "kind": "false positive" if row.label == 0 else "false negative",
-                          "file": str(misclassified_copy(paths.eval_dir, row.path, row.label))})
+                          "file": str(copy), "heatmap": str(heatmap) if heatmap.is_file() else ""})
     names = {0: class_names[0], 1: class_names[1]}
     all_predictions = pd.concat(predictions, ignore_index=True)
     all_predictions = all_predictions.assign(label=all_predictions["label"].map(names),
                                              predicted=all_predictions["predicted"].map(names))
-    columns = ["run", "path", "label", "score", "kind", "file"]
+    columns = ["run", "path", "label", "score", "kind", "file", "heatmap"]
     return (all_predictions[["run", "path", "label", "predicted", "score"]],
             pd.concat(histories, ignore_index=True), pd.concat(roc or [pd.DataFrame(columns=["run", "fpr", "tpr"])]),
             pd.concat(pr or [pd.DataFrame(columns=["run", "recall", "precision"])]),

@@ -88,6 +88,7 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
+    threshold: float
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,8 @@ def parse_params(tree: dict[str, Any]) -> Params:
                 patience=_get(tree, "train.scheduler.patience", int),
             ),
         ),
-        evaluate=EvaluateParams(batch_size=_get(tree, "evaluate.batch_size", int)),
+        evaluate=EvaluateParams(batch_size=_get(tree, "evaluate.batch_size", int),
+                                threshold=float(_get(tree, "evaluate.threshold", number))),
         device=_get(tree, "device", str),
     )
     _require(params.data.negative_class != params.data.positive_class,
@@ -184,6 +186,8 @@ def parse_params(tree: dict[str, Any]) -> Params:
     _require(params.train.batch_size >= 1, f"'train.batch_size' must be >= 1, got {params.train.batch_size}")
     _require(params.evaluate.batch_size >= 1,
              f"'evaluate.batch_size' must be >= 1, got {params.evaluate.batch_size}")
+    _require(0 < params.evaluate.threshold < 1,
+             f"'evaluate.threshold' must lie strictly between 0 and 1, got {params.evaluate.threshold}")
     _require(params.train.lr > 0, f"'train.lr' must be > 0, got {params.train.lr}")
     _require(params.train.min_epochs >= 1, f"'train.min_epochs' must be >= 1, got {params.train.min_epochs}")
     _require(params.train.min_epochs <= params.train.max_epochs,
@@ -490,6 +494,26 @@ def build_model(arch: str, pretrained_state: dict[str, torch.Tensor] | None) -> 
         model.load_state_dict(pretrained_state)
     model.fc = torch.nn.Linear(model.fc.in_features, 2)
     return model
+
+
+@dataclass
+class TrainedModel:
+    """A run's trained classifier, in eval mode, with the image size it was trained at."""
+
+    network: torch.nn.Module
+    image_size: int
+    arch: str
+
+
+def load_trained_model(path: Path, device: torch.device) -> TrainedModel:
+    """Load a model.pt written by the train stage onto ``device`` (channels_last, eval mode)."""
+    if not path.is_file():
+        raise PipelineError(f"model {path} is missing: run 'dvc repro' so the train stage writes it")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    network = build_model(checkpoint["arch"], None)
+    network.load_state_dict(checkpoint["state_dict"])
+    network.to(device, memory_format=torch.channels_last).eval()
+    return TrainedModel(network, checkpoint["image_size"], checkpoint["arch"])
 
 
 def weights_label(pretrained: bool) -> str:

@@ -1,4 +1,7 @@
-"""evaluate: score one run's best model on its test (and train) images and write the run's metrics."""
+"""evaluate: score one run's best model on its test (and train) images and write the run's metrics.
+
+Misclassified test images are copied into false_positives/ and false_negatives/, each with its Grad-CAM heatmap.
+"""
 
 from __future__ import annotations
 
@@ -19,12 +22,14 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from tqdm import tqdm
+
 from stages.common import (
     RunPaths,
     atomic_dir,
-    build_model,
     load_images,
     load_params,
+    load_trained_model,
     main_guard,
     misclassified_copy,
     peak_rss_mb,
@@ -36,6 +41,7 @@ from stages.common import (
     write_csv_atomic,
     write_json_atomic,
 )
+from stages.explain import grad_cam, heatmap_path, overlay
 
 log = logging.getLogger("anomaly_pipeline.evaluate")
 
@@ -63,30 +69,34 @@ def main() -> None:
     paths = RunPaths(run)
     device = resolve_device(params.device)
     started = time.perf_counter()
-    checkpoint = torch.load(paths.model_file, map_location="cpu", weights_only=True)
-    model = build_model(checkpoint["arch"], None)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.to(device, memory_format=torch.channels_last)
-    size = checkpoint["image_size"]
+    trained = load_trained_model(paths.model_file, device)
+    model, size = trained.network, trained.image_size
 
-    def score(split: str) -> tuple[pd.DataFrame, np.ndarray]:
+    threshold = params.evaluate.threshold
+
+    def score(split: str) -> tuple[pd.DataFrame, torch.Tensor, np.ndarray]:
         manifest = read_manifest(paths.manifest(split))
         images = load_images(params.data.dir, manifest["path"].tolist(), size)
-        return manifest, predict_scores(model, images, params.evaluate.batch_size, device)
+        return manifest, images, predict_scores(model, images, params.evaluate.batch_size, device)
 
-    train_manifest, train_scores = score("train")
-    test_manifest, test_scores = score("test")
-    test = classification_metrics(test_manifest["label"].to_numpy(), test_scores)
-    train_accuracy = accuracy_score(train_manifest["label"], (train_scores >= 0.5).astype(int))
+    train_manifest, _, train_scores = score("train")
+    test_manifest, test_images, test_scores = score("test")
+    test = classification_metrics(test_manifest["label"].to_numpy(), test_scores, threshold)
+    train_accuracy = accuracy_score(train_manifest["label"], (train_scores >= threshold).astype(int))
     predictions = test_manifest.assign(
-        score=np.round(test_scores, 6), predicted=(test_scores >= 0.5).astype(int)
+        score=np.round(test_scores, 6), predicted=(test_scores >= threshold).astype(int)
     )
     with atomic_dir(paths.eval_dir) as out:
         write_csv_atomic(out / "predictions.csv", predictions)
         for folder in ("false_positives", "false_negatives"):
             (out / folder).mkdir()
-        for row in predictions[predictions.label != predictions.predicted].itertuples(index=False):
-            shutil.copy2(params.data.dir / row.path, misclassified_copy(out, row.path, row.label))
+        wrong = np.flatnonzero(predictions["label"] != predictions["predicted"])
+        for position in tqdm(wrong, desc="grad-cam", unit="img", leave=False, disable=None):
+            row = predictions.iloc[position]
+            copy = misclassified_copy(out, row.path, row.label)
+            shutil.copy2(params.data.dir / row.path, copy)
+            cam = grad_cam(model, test_images[position], int(row.predicted), device)
+            overlay(copy, cam).save(heatmap_path(copy))
     evaluate_seconds = time.perf_counter() - started
     train_summary = read_json(paths.train_summary_file)
     metrics = {

@@ -61,7 +61,7 @@ td:first-child,th:first-child{text-align:left}tr:last-child td{border-bottom:non
 .charts{display:grid;grid-template-columns:1fr 1fr;gap:16px}.charts img{background:#fff;border-radius:8px;box-shadow:0 1px 3px #0001;width:100%}
 .wide{overflow-x:auto}
 .sheet{display:flex;flex-wrap:wrap;gap:10px}.sheet figure{margin:0;background:#fff;border-radius:8px;padding:6px;
-box-shadow:0 1px 3px #0001;width:120px;font-size:11px}.sheet img{width:112px;height:112px;object-fit:cover;border-radius:4px}
+box-shadow:0 1px 3px #0001;width:236px;font-size:11px}.sheet img{width:112px;height:112px;object-fit:cover;border-radius:4px;margin-right:4px}
 .sheet figcaption{margin-top:4px;line-height:1.35;word-break:break-all}.tag{font-weight:600}.fp{color:#b3261e}.fn{color:#8a5a00}
 """
 
@@ -126,7 +126,8 @@ def render_report(summary: dict, runs: pd.DataFrame, history: pd.DataFrame, roc:
                   class_names: tuple[str, str]) -> str:
     """The whole report as an HTML string.
 
-    ``misclassified`` has columns run, path, label, score, kind ("false positive"/"false negative"), file.
+    ``misclassified`` has columns run, path, label, score, kind ("false positive"/"false negative"), file and
+    heatmap (the Grad-CAM overlay's path, or "").
     """
     clean, faulty = (html.escape(name) for name in class_names)
     stats = summary
@@ -160,7 +161,9 @@ def render_report(summary: dict, runs: pd.DataFrame, history: pd.DataFrame, roc:
                                                 "Precision–recall", "recall", "precision")),
     ))
     figures = "".join(
-        f'<figure><img alt="{html.escape(row.path)}" src="{_thumbnail(Path(row.file))}"><figcaption>'
+        f'<figure><img alt="{html.escape(row.path)}" src="{_thumbnail(Path(row.file))}">'
+        + (f'<img alt="Grad-CAM of {html.escape(row.path)}" src="{_thumbnail(Path(row.heatmap))}">' if row.heatmap else "")
+        + f'<figcaption>'
         f'<span class="tag {"fp" if row.kind == "false positive" else "fn"}">{row.kind}</span><br>'
         f'run {row.run} · score {row.score:.3f}<br>{html.escape(row.path)}</figcaption></figure>'
         for row in misclassified.itertuples(index=False)
@@ -185,6 +188,8 @@ The study's figures are its published means (ImageNet weights, a split that leak
 <h2>Mean confusion matrix (test)</h2>{confusion}
 <h2>Curves</h2><div class="charts">{charts}</div>
 <h2>Runs</h2>{_runs_table(runs)}
-<h2>Misclassified test images ({len(misclassified)})</h2><div class="sheet">{figures}</div>
+<h2>Misclassified test images ({len(misclassified)})</h2>
+<p class="note">Each image beside its Grad-CAM heatmap: red marks where the network's last block found the
+evidence for the class it (wrongly) chose.</p><div class="sheet">{figures}</div>
 </main></body></html>
 """

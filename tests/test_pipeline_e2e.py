@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -88,8 +89,11 @@ def test_repro_writes_sane_run_metrics_and_misclassified_images(project: Path) -
         predictions = pd.read_csv(run_dir / "eval" / "predictions.csv")
         assert len(predictions) == metrics["test_images"]
         assert predictions["score"].between(0, 1).all()
-        assert len(list((run_dir / "eval" / "false_positives").iterdir())) == matrix["fp"]
-        assert len(list((run_dir / "eval" / "false_negatives").iterdir())) == matrix["fn"]
+        for folder, count in (("false_positives", matrix["fp"]), ("false_negatives", matrix["fn"])):
+            files = sorted((run_dir / "eval" / folder).iterdir())
+            copies = [path for path in files if not path.name.endswith(".gradcam.png")]
+            assert len(copies) == count
+            assert [path.name for path in files if path not in copies] == [f"{p.name}.gradcam.png" for p in copies]
         history = pd.read_csv(run_dir / "model" / "history.csv")
         assert len(history) == metrics["epochs_run"]
         assert history.loc[history["val_loss"].idxmin(), "epoch"] == metrics["best_epoch"]
@@ -162,6 +166,7 @@ def test_report_holds_summary_runs_curves_and_misclassified_images(project: Path
         assert heading in report
     assert report.count("<figure>") == misclassified_total(project)
     assert report.count('src="data:image/png;base64,') == 4
+    assert report.count('alt="Grad-CAM of ') == misclassified_total(project)
     assert "random-init</b> weights" in report
 
 
@@ -175,7 +180,45 @@ def test_report_renders_in_headless_chromium(project: Path, tmp_path: Path) -> N
     assert screenshot.stat().st_size > 50_000  # a rendered page, not a blank one
     dom = run(["chromium", *flags, "--dump-dom", page], tmp_path).stdout
     assert "Summary over runs" in dom
-    assert dom.count("<img") == 4 + misclassified_total(project)
+    assert dom.count("<img") == 4 + 2 * misclassified_total(project)
+
+
+def test_predict_agrees_with_evaluate_on_the_same_images(project: Path, tmp_path: Path) -> None:
+    evaluated = pd.read_csv(project / "data" / "runs" / "run-0" / "eval" / "predictions.csv")
+    images = [str(project / "data" / "raw" / path) for path in evaluated["path"]]
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    output = tmp_path / "predicted.csv"
+    result = run([sys.executable, "-m", "stages.predict", "--run", "0", "--output", str(output),
+                  *images, str(tmp_path)], project)
+    predicted = pd.read_csv(output, keep_default_na=False)
+    assert "broken.jpg: cannot be decoded" in result.stderr
+    assert predicted["path"].tolist() == [*images, str(tmp_path / "broken.jpg")]
+    scored = predicted.iloc[:-1]
+    assert scored["faulty_probability"].astype(float).to_numpy() == pytest.approx(evaluated["score"].to_numpy(), abs=2e-6)
+    assert (scored["label"] == evaluated["predicted"].map({0: "clean", 1: "faulty"})).all()
+    assert "faulty_probability" in result.stdout and "clean" in result.stdout
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_matches_pytorch(project: Path, fmt: str) -> None:
+    result = run([sys.executable, "-m", "stages.export", "--run", "0", "--format", fmt], project)
+    suffix = "pt" if fmt == "torchscript" else "onnx"
+    assert (project / "data" / "exports" / "run-0" / f"model.{suffix}").stat().st_size > 1_000_000
+    assert "match PyTorch within 1.0e-04" in result.stderr
+
+
+def test_heatmaps_have_the_image_size_and_differ(project: Path) -> None:
+    from PIL import Image
+
+    heatmaps = sorted((project / "data" / "runs").glob("run-*/eval/false_*/*.gradcam.png"))
+    assert len(heatmaps) == misclassified_total(project) >= 2
+    pixels = []
+    for heatmap in heatmaps:
+        original = heatmap.with_name(heatmap.name.removesuffix(".gradcam.png"))
+        with Image.open(heatmap) as image, Image.open(original) as source:
+            assert image.size == source.size
+            pixels.append(image.convert("RGB").tobytes())
+    assert len(set(pixels)) > 1
 
 
 def test_exp_run_with_another_seed_reruns_seeded_stages_and_metrics_diff_shows_it(project: Path) -> None:

@@ -69,3 +69,17 @@ def test_batches_never_leave_a_single_image_for_batch_norm() -> None:
     sizes = [len(batch) for batch in batches(33, 32, torch.Generator().manual_seed(0))]
     assert sizes == [33]
     assert sorted(torch.cat(batches(65, 32, None)).tolist()) == list(range(65))
+
+
+def test_grad_cam_is_a_normalised_map_that_depends_on_the_image() -> None:
+    from stages.explain import grad_cam
+
+    seed_everything(0)
+    model = build_model("resnet18", None)
+    images, _ = tiny_data(3, 2)
+    large = torch.nn.functional.interpolate(images.float(), size=128).to(torch.uint8)
+    maps = [grad_cam(model, image, 1, CPU) for image in large]
+    assert maps[0].shape == (4, 4)  # layer4 of a ResNet downsamples by 32
+    assert all(m.min() >= 0 and m.max() <= 1 for m in maps)
+    assert not (maps[0] == maps[1]).all()
+    assert all(p.grad is None for p in model.parameters())

@@ -1,0 +1,48 @@
+"""Grad-CAM heatmaps: where in an image a ResNet's last block looked when it decided."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image
+
+from stages.common import normalize, open_rgb
+
+HEATMAP_SUFFIX = ".gradcam.png"
+
+
+def grad_cam(model: torch.nn.Module, image: torch.Tensor, target_class: int, device: torch.device) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al. 2017) of ``target_class`` at the model's ``layer4``.
+
+    ``image`` is one uint8 CHW tensor as the model sees it; returns an (h, w) map in [0, 1] at layer4's resolution.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    handle = model.layer4.register_forward_hook(lambda module, inputs, output: captured.setdefault("layer4", output))
+    try:
+        model.eval()
+        with torch.enable_grad():
+            logits = model(normalize(image.unsqueeze(0), device))
+            (gradient,) = torch.autograd.grad(logits[0, target_class], captured["layer4"])
+    finally:
+        handle.remove()
+    activation, gradient = captured["layer4"][0].detach(), gradient[0]
+    weights = gradient.mean(dim=(1, 2))
+    cam = torch.relu((weights[:, None, None] * activation).sum(0))
+    peak = cam.max()
+    return (cam / peak if peak > 0 else cam).float().cpu().numpy()
+
+
+def overlay(source: Path, cam: np.ndarray, opacity: float = 0.45) -> Image.Image:
+    """The Grad-CAM map, coloured (jet) and blended over the original image at the image's own size."""
+    image = open_rgb(source)
+    heat = Image.fromarray((cam * 255).astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR)
+    coloured = (colormaps["jet"](np.asarray(heat) / 255.0)[:, :, :3] * 255).astype(np.uint8)
+    return Image.blend(image, Image.fromarray(coloured), opacity)
+
+
+def heatmap_path(image_copy: Path) -> Path:
+    """Where the heatmap of a copied image is written: beside it, ``<name>.gradcam.png``."""
+    return image_copy.with_name(image_copy.name + HEATMAP_SUFFIX)

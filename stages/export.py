@@ -1,0 +1,87 @@
+"""export: write a run's model as TorchScript or ONNX and check it against PyTorch on sample images.
+
+    python -m stages.export --run 0 --format torchscript|onnx [--output FILE]
+
+The check runs the exported model and the PyTorch model on up to 8 of the run's test images and
+fails when a faulty probability differs by more than TOLERANCE. ONNX needs onnxruntime for the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.common import (
+    PipelineError,
+    RunPaths,
+    load_images,
+    load_params,
+    load_trained_model,
+    main_guard,
+    normalize,
+    read_manifest,
+)
+
+log = logging.getLogger("anomaly_pipeline.export")
+TOLERANCE = 1e-4  # largest allowed difference of a faulty probability
+SAMPLES = 8
+EXPORTS_DIR = Path("data/exports")
+
+
+def export_model(network: torch.nn.Module, example: torch.Tensor, fmt: str, output: Path) -> None:
+    """Write ``network`` (CPU, eval mode) as TorchScript or ONNX (batch dimension dynamic)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchscript":
+        torch.jit.trace(network, example).save(str(output))
+    else:
+        torch.onnx.export(network, (example,), str(output), input_names=["image"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
+                          external_data=False)
+
+
+def exported_probabilities(path: Path, fmt: str, inputs: torch.Tensor) -> np.ndarray:
+    """Faulty probabilities of the exported model on normalised inputs."""
+    if fmt == "torchscript":
+        logits = torch.jit.load(str(path))(inputs).detach()
+    else:
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise PipelineError("checking an ONNX export needs onnxruntime: pip install onnxruntime") from error
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        logits = torch.from_numpy(session.run(None, {"image": inputs.numpy()})[0])
+    return torch.softmax(logits, dim=1)[:, 1].numpy()
+
+
+def main() -> None:
+    params = load_params()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=int, required=True, help="run whose model to export")
+    parser.add_argument("--format", choices=("torchscript", "onnx"), required=True)
+    parser.add_argument("--output", type=Path, help="file to write (default: data/exports/run-N/model.pt|onnx)")
+    args = parser.parse_args()
+    paths = RunPaths(args.run)
+    output = args.output or EXPORTS_DIR / f"run-{args.run}" / ("model.pt" if args.format == "torchscript" else "model.onnx")
+    cpu = torch.device("cpu")
+    trained = load_trained_model(paths.model_file, cpu)
+    network = trained.network.to(memory_format=torch.contiguous_format)
+    test = read_manifest(paths.manifest("test"))
+    samples = load_images(params.data.dir, test["path"].head(SAMPLES).tolist(), trained.image_size)
+    inputs = normalize(samples, cpu).contiguous()
+    export_model(network, inputs[:1], args.format, output)
+    with torch.inference_mode():
+        expected = torch.softmax(network(inputs), dim=1)[:, 1].numpy()
+    difference = float(np.abs(exported_probabilities(output, args.format, inputs) - expected).max())
+    if difference > TOLERANCE:
+        raise PipelineError(f"{output}: exported model differs from PyTorch by {difference:.2e} "
+                            f"(tolerance {TOLERANCE:.0e}) on {len(inputs)} test images")
+    log.info("wrote %s (%s); on %d test images its faulty probabilities match PyTorch within %.1e (max diff %.1e)",
+             output, args.format, len(inputs), TOLERANCE, difference)
+
+
+if __name__ == "__main__":
+    main_guard(main)

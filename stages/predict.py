@@ -1,0 +1,107 @@
+"""predict: classify new images with a trained run's model; prints a table and writes a CSV.
+
+    python -m stages.predict IMAGE_OR_FOLDER ... [--run N] [--threshold 0.5] [--output predictions.csv]
+
+Without --run it uses the run with the lowest validation loss. Folders are searched recursively;
+files that cannot be read are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from stages.common import (
+    PipelineError,
+    RunPaths,
+    list_folder,
+    load_image,
+    load_params,
+    load_trained_model,
+    main_guard,
+    predict_scores,
+    read_json,
+    resolve_device,
+    write_csv_atomic,
+)
+
+log = logging.getLogger("anomaly_pipeline.predict")
+
+
+def best_run(runs: tuple[int, ...]) -> int:
+    """The trained run with the lowest best validation loss."""
+    losses = {run: read_json(RunPaths(run).train_summary_file)["best_val_loss"]
+              for run in runs if RunPaths(run).train_summary_file.is_file()}
+    if not losses:
+        raise PipelineError("no trained run found: run 'dvc repro' first")
+    return min(losses, key=losses.get)
+
+
+def collect_images(targets: list[Path]) -> list[Path]:
+    """The image files named, and those found (recursively) in the folders named."""
+    images: list[Path] = []
+    for target in targets:
+        if target.is_dir():
+            images += list_folder(target).images
+        elif target.is_file():
+            images.append(target)
+        else:
+            raise PipelineError(f"{target} does not exist")
+    return images
+
+
+def predict(images: list[Path], run: int, threshold: float, class_names: tuple[str, str],
+            device_name: str, batch_size: int) -> pd.DataFrame:
+    """One row per image: path, faulty probability and label (faulty when the probability >= threshold).
+
+    Unreadable files get an empty probability and their error in the ``error`` column.
+    """
+    device = resolve_device(device_name)
+    trained = load_trained_model(RunPaths(run).model_file, device)
+    rows, tensors, readable = [], [], []
+    for path in images:
+        row = {"path": str(path), "faulty_probability": None, "label": "", "error": ""}
+        try:
+            tensors.append(load_image(path, trained.image_size))
+            readable.append(row)
+        except PipelineError as error:
+            log.warning("skipped: %s", error)
+            row["error"] = str(error)
+        rows.append(row)
+    if tensors:
+        scores = predict_scores(trained.network, torch.stack(tensors), batch_size, device)
+        for row, score in zip(readable, scores):
+            row.update(faulty_probability=round(float(score), 6), label=class_names[int(score >= threshold)])
+    return pd.DataFrame(rows, columns=["path", "faulty_probability", "label", "error"])
+
+
+def main() -> None:
+    params = load_params()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("targets", nargs="+", type=Path, help="image files or folders")
+    parser.add_argument("--run", type=int, help="run whose model to use (default: lowest validation loss)")
+    parser.add_argument("--threshold", type=float, default=params.evaluate.threshold,
+                        help="faulty when the probability is at least this (default: evaluate.threshold)")
+    parser.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    args = parser.parse_args()
+    if not 0 < args.threshold < 1:
+        raise PipelineError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
+    run = best_run(params.runs) if args.run is None else args.run
+    images = collect_images(args.targets)
+    if not images:
+        raise PipelineError(f"no image files found in {', '.join(map(str, args.targets))}")
+    log.info("run %d's model on %d images, threshold %.2f", run, len(images), args.threshold)
+    table = predict(images, run, args.threshold, (params.data.negative_class, params.data.positive_class),
+                    params.device, params.evaluate.batch_size)
+    write_csv_atomic(args.output, table)
+    print(table.drop(columns="error").to_string(index=False))  # the result itself, on stdout
+    skipped = int((table["error"] != "").sum())
+    log.info("wrote %s (%d images%s)", args.output, len(table) - skipped, f", {skipped} skipped" if skipped else "")
+
+
+if __name__ == "__main__":
+    main_guard(main)
