@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ANOMALY_SHARED_DIR", PROJECT.parent / "shared"))
@@ -24,6 +26,19 @@ METAL_SUBSET = {
     "faulty": [f"{kind}_{n}.jpg" for kind in ("crazing", "inclusion", "scratches") for n in range(1, 5)]
     + [f"pitted_surface ({n}).jpg" for n in range(1, 9)],
 }
+
+
+def picture(size: tuple[int, int], seed: int) -> Image.Image:
+    """A smooth random RGB picture (4x4 random colours, enlarged), the same for the same seed."""
+    values = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(values, mode="RGB").resize(size, Image.Resampling.BILINEAR)
+
+
+def save_image(image: Image.Image, path: Path, **options: object) -> Path:
+    """Save an image, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+    return path
 
 
 def shared_dataset(path: Path) -> Path:

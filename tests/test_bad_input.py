@@ -23,28 +23,18 @@ from tests.conftest import (
     METAL,
     SMALL,
     make_project,
+    picture,
     run,
+    save_image,
     shared_dataset,
     write_params,
 )
 
 
-def save(image: Image.Image, path: Path, **options: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, **options)
-    return path
-
-
-def noise(size: tuple[int, int], seed: int) -> Image.Image:
-    """A smooth random RGB picture (4x4 random colours, enlarged), different for every seed."""
-    values = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    return Image.fromarray(values, mode="RGB").resize(size, Image.Resampling.BILINEAR)
-
-
 def good_dataset(root: Path, per_class: int = 6) -> Path:
     for offset, class_name in ((0, "clean"), (100, "faulty")):
         for index in range(per_class):
-            save(noise((24, 24), offset + index), root / class_name / f"{class_name}{index}.png")
+            save_image(picture((24, 24), offset + index), root / class_name / f"{class_name}{index}.png")
     return root
 
 
@@ -54,7 +44,7 @@ def good_dataset(root: Path, per_class: int = 6) -> Path:
 def test_rgba_is_composited_onto_white(tmp_path: Path) -> None:
     image = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
     image.putpixel((0, 0), (255, 0, 0, 255))
-    rgb = np.asarray(open_rgb(save(image, tmp_path / "a.png")))
+    rgb = np.asarray(open_rgb(save_image(image, tmp_path / "a.png")))
     assert tuple(rgb[0, 0]) == (255, 0, 0) and tuple(rgb[4, 4]) == (255, 255, 255)
 
 
@@ -62,17 +52,17 @@ def test_palette_with_transparency_and_greyscale_and_cmyk(tmp_path: Path) -> Non
     palette = Image.new("P", (8, 8), 1)
     palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
     palette.info["transparency"] = 0
-    assert tuple(np.asarray(open_rgb(save(palette, tmp_path / "p.png")))[0, 0]) == (10, 200, 30)
-    grey = open_rgb(save(Image.new("L", (8, 8), 90), tmp_path / "g.jpg"))
+    assert tuple(np.asarray(open_rgb(save_image(palette, tmp_path / "p.png")))[0, 0]) == (10, 200, 30)
+    grey = open_rgb(save_image(Image.new("L", (8, 8), 90), tmp_path / "g.jpg"))
     assert grey.mode == "RGB" and abs(int(np.asarray(grey)[3, 3, 0]) - 90) <= 2
-    cmyk = open_rgb(save(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), tmp_path / "c.jpg"))
+    cmyk = open_rgb(save_image(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), tmp_path / "c.jpg"))
     red = np.asarray(cmyk)[3, 3]
     assert cmyk.mode == "RGB" and red[0] > 200 and red[1] < 60 and red[2] < 60
 
 
 def test_16_bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     values = np.array([[0, 32768], [65535, 16384]], dtype=np.uint16)
-    path = save(Image.fromarray(values), tmp_path / "deep.png")
+    path = save_image(Image.fromarray(values), tmp_path / "deep.png")
     assert Image.open(path).mode.startswith("I")
     rgb = np.asarray(open_rgb(path))[:, :, 0]
     assert rgb.tolist() == [[0, 128], [255, 64]]
@@ -82,12 +72,12 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     image = Image.new("RGB", (20, 10), (0, 0, 255))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated 90 degrees: displayed portrait
-    path = save(image, tmp_path / "rotated.jpg", exif=exif)
+    path = save_image(image, tmp_path / "rotated.jpg", exif=exif)
     assert open_rgb(path).size == (10, 20)
 
 
 def test_tiny_image_is_resized_up(tmp_path: Path) -> None:
-    tensor = load_image(save(noise((8, 8), 1), tmp_path / "tiny.png"), 32)
+    tensor = load_image(save_image(picture((8, 8), 1), tmp_path / "tiny.png"), 32)
     assert tensor.shape == (3, 32, 32) and tensor.dtype.is_floating_point is False
 
 
@@ -98,7 +88,7 @@ def broken_files(class_dir: Path) -> dict[str, str]:
     """Write one file of each unreadable kind; return name -> the words its reason must hold."""
     class_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    noise((64, 64), 7).save(buffer, format="JPEG")
+    picture((64, 64), 7).save(buffer, format="JPEG")
     (class_dir / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     (class_dir / "empty.jpg").write_bytes(b"")
     (class_dir / "text.png").write_text("this is not a picture")
@@ -127,7 +117,7 @@ def test_strict_mode_stops_on_unreadable_files(tmp_path: Path) -> None:
 
 def test_decompression_bomb_is_skipped_as_too_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = good_dataset(tmp_path)
-    save(Image.new("L", (200, 200)), root / "faulty" / "huge.png")
+    save_image(Image.new("L", (200, 200)), root / "faulty" / "huge.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 200x200 is over twice the limit
     table, skipped = scan_dataset(root, "clean", "faulty")
     assert [item["path"] for item in skipped] == ["faulty/huge.png"]
@@ -140,7 +130,7 @@ def test_hidden_system_and_non_image_files(tmp_path: Path, caplog: pytest.LogCap
     (root / "clean" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (root / "clean" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
     (root / "clean" / "notes.txt").write_text("shot on monday")
-    save(noise((8, 8), 3), root / "clean" / ".hidden" / "x.png")
+    save_image(picture((8, 8), 3), root / "clean" / ".hidden" / "x.png")
     with caplog.at_level(logging.WARNING):
         table, skipped = scan_dataset(root, "clean", "faulty")
     assert len(table) == 12 and skipped == []
@@ -159,7 +149,7 @@ def test_class_with_only_unreadable_files_is_refused(tmp_path: Path) -> None:
 
 def test_only_one_class_and_extra_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = good_dataset(tmp_path)
-    save(noise((8, 8), 5), root / "unsorted" / "u.png")
+    save_image(picture((8, 8), 5), root / "unsorted" / "u.png")
     with caplog.at_level(logging.WARNING):
         scan_dataset(root, "clean", "faulty")
     assert "not class folders: unsorted" in caplog.text
@@ -195,7 +185,7 @@ def test_group_pattern_keeps_a_part_together(tmp_path: Path) -> None:
     for part in range(8):
         for shot in range(3):
             for class_name, offset in (("clean", 0), ("faulty", 1000)):
-                save(noise((16, 16), offset + part * 10 + shot), root / class_name / f"part{part}_shot{shot}.png")
+                save_image(picture((16, 16), offset + part * 10 + shot), root / class_name / f"part{part}_shot{shot}.png")
     table, _ = scan_dataset(root, "clean", "faulty")
     groups = group_ids(table, r"^(part\d+)_")
     assert groups.nunique() == 16  # 8 parts per class: the same file name in two class folders is two parts
@@ -209,7 +199,7 @@ def test_group_pattern_keeps_a_part_together(tmp_path: Path) -> None:
 def test_near_duplicates_across_the_split_are_reported(tmp_path: Path) -> None:
     root = good_dataset(tmp_path, per_class=10)
     original = root / "faulty" / "faulty0.png"
-    save(Image.open(original).convert("RGB"), root / "faulty" / "faulty0-copy.jpg", quality=85)
+    save_image(Image.open(original).convert("RGB"), root / "faulty" / "faulty0-copy.jpg", quality=85)
     table, _ = scan_dataset(root, "clean", "faulty")
     pairs = []
     for seed in range(20):

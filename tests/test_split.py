@@ -10,7 +10,7 @@ import pytest
 
 from stages.common import SPLITS, PipelineError, run_seed
 from stages.prepare_split import group_ids, scan_dataset, split_groups, split_report
-from tests.conftest import METAL, shared_dataset
+from tests.conftest import METAL, picture, save_image, shared_dataset
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +69,8 @@ def test_report_counts_duplicates(metal_table: pd.DataFrame) -> None:
 
 
 def make_images(folder: Path, count: int, start: int = 0) -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
     for index in range(start, start + count):
-        Image.new("RGB", (8, 8), (index, 255 - index, 7)).save(folder / f"img{index}.png")
+        save_image(picture((8, 8), index), folder / f"img{index}.png")
 
 
 def test_missing_data_folder_is_named(tmp_path: Path) -> None:
