@@ -305,15 +305,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_target(path: Path) -> tuple[int, Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    return fd, Path(tmp)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary file and a rename, so it is never half-written."""
-    fd, tmp = _atomic_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)

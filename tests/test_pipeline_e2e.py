@@ -237,6 +237,9 @@ def test_exp_run_with_another_seed_reruns_seeded_stages_and_metrics_diff_shows_i
     table = run([*DVC, "metrics", "diff"], project).stdout
     assert "train_seconds.mean" in table and "Change" in table
 
+    experiments = run([*DVC, "exp", "show", "--csv"], project).stdout
+    assert "test_accuracy.mean" in experiments.splitlines()[0] and "seed" in experiments.splitlines()[0]
+
     plots = json.loads(run([*DVC, "plots", "diff", "HEAD", "--json"], project).stdout)["data"]
     for name in PLOT_NAMES:
         assert set(plots[name][0]["revisions"]) == {"HEAD", "workspace"}, name
