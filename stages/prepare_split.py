@@ -141,7 +141,9 @@ def split_groups(table: pd.DataFrame, groups: pd.Series, test_ratio: float, val_
     """Assign every image to train/val/test, per class, moving whole groups together."""
     assignment = pd.Series("", index=table.index, dtype=object)
     for label, images in table.groupby("label"):
-        sizes = groups[images.index].value_counts().sort_index()
+        # Groups in content order (smallest sha256 of each), so a split depends on the images, not their names.
+        members = images.groupby(groups[images.index])["sha256"]
+        sizes = members.size()[members.min().sort_values().index]
         order = sizes.index[rng.permutation(len(sizes))]
         test_target = round(len(images) * test_ratio)
         val_target = round((len(images) - test_target) * val_ratio)
