@@ -71,7 +71,6 @@ def main() -> None:
     started = time.perf_counter()
     trained = load_trained_model(paths.model_file, device)
     model, size = trained.network, trained.image_size
-
     threshold = params.evaluate.threshold
 
     def score(split: str) -> tuple[pd.DataFrame, torch.Tensor, np.ndarray]:
