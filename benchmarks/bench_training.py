@@ -1,0 +1,194 @@
+"""Training and evaluation speed and memory: this project's loop against the study's, on the same images.
+
+    python benchmarks/bench_training.py ../shared/datasets/metal-surface [--epochs 2] [--image-size 224]
+
+Each loop runs in its own process (so peak RSS is its own) on run 0's split of the data, random
+initialisation, batch 32, Adam 1e-3. Printed per loop: images/s for training and evaluation, seconds
+per epoch, training GFLOP/s (FlopCounterMode) against the CPU's fp32 matmul GFLOP/s, the estimated
+seconds of a whole run (epochs x epoch time + evaluation + image copying) and peak RSS; then the ratios.
+
+The baseline follows the study's loop as its description gives it: every image decoded and resized from
+disk in every epoch, NCHW training, evaluation one image at a time, every split image copied into the
+run folder. This project's loop: images decoded once, channels_last, batched evaluation under
+inference_mode, only misclassified images copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.common import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_model,
+    load_images,
+    peak_rss_mb,
+    predict_scores,
+    run_seed,
+    seed_everything,
+)
+from stages.prepare_split import group_ids, scan_dataset, split_groups  # noqa: E402
+from stages.train import train_one_epoch  # noqa: E402
+
+BATCH = 32
+EPOCHS_PER_RUN = 13  # mean epochs of the recorded 10-run result (metrics/summary.json, random init)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """fp32 matrix-multiply throughput of this CPU with torch's threads."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def training_flops_per_image(size: int) -> float:
+    """FLOPs of one training step (forward + backward) per image, counted by torch."""
+    model = build_model("resnet18", None)
+    inputs = torch.randn(2, 3, size, size)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(inputs), torch.tensor([0, 1])).backward()
+    return counter.get_total_flops() / 2
+
+
+def split(data_dir: Path) -> tuple[list[str], list[int], list[str], list[int]]:
+    """Run 0's train and test images (paths relative to data_dir) and labels, as prepare-split makes them."""
+    table, _ = scan_dataset(data_dir, "clean", "faulty")
+    assignment = split_groups(table, group_ids(table, ""), 0.3, 0.2, np.random.default_rng(run_seed(0, 0)))
+    train, test = table[assignment == "train"], table[assignment == "test"]
+    return train["path"].tolist(), train["label"].tolist(), test["path"].tolist(), test["label"].tolist()
+
+
+def ours(data_dir: Path, epochs: int, size: int) -> dict:
+    """This project's loop (stages.train / stages.common)."""
+    train_paths, train_labels, test_paths, test_labels = split(data_dir)
+    seed_everything(0)
+    started = time.perf_counter()
+    images, labels = load_images(data_dir, train_paths, size), torch.tensor(train_labels)
+    decode = time.perf_counter() - started
+    model = build_model("resnet18", None).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
+    epoch_times = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        train_one_epoch(model, optimizer, images, labels, BATCH, cpu, generator)
+        epoch_times.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    test_images = load_images(data_dir, test_paths, size)
+    predict_scores(model, test_images, 64, cpu)
+    evaluate = time.perf_counter() - started
+    return {"train_images": len(train_paths), "test_images": len(test_paths), "decode_s": decode,
+            "epoch_s": min(epoch_times), "evaluate_s": evaluate, "copy_s": 0.0, "peak_rss_mb": peak_rss_mb()}
+
+
+def baseline(data_dir: Path, epochs: int, size: int) -> dict:
+    """The study's loop: decode every epoch, NCHW, one-image evaluation, every split image copied."""
+    from PIL import Image
+    from torchvision import transforms
+
+    train_paths, train_labels, test_paths, test_labels = split(data_dir)
+    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                                    transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    class Folder(torch.utils.data.Dataset):
+        def __init__(self, paths: list[str], labels: list[int]) -> None:
+            self.paths, self.labels = paths, labels
+
+        def __len__(self) -> int:
+            return len(self.paths)
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            return transform(Image.open(data_dir / self.paths[index]).convert("RGB")), self.labels[index]
+
+    seed_everything(0)
+    loader = torch.utils.data.DataLoader(Folder(train_paths, train_labels), batch_size=BATCH, shuffle=True)
+    model = build_model("resnet18", None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    epoch_times = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        model.train()
+        for inputs, targets in loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+        epoch_times.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        for path in test_paths:
+            model(transform(Image.open(data_dir / path).convert("RGB")).unsqueeze(0))
+    evaluate = time.perf_counter() - started
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as run_folder:
+        for path in train_paths + test_paths:
+            target = Path(run_folder) / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(data_dir / path, target)
+    copy = time.perf_counter() - started
+    return {"train_images": len(train_paths), "test_images": len(test_paths), "decode_s": 0.0,
+            "epoch_s": min(epoch_times), "evaluate_s": evaluate, "copy_s": copy, "peak_rss_mb": peak_rss_mb()}
+
+
+def measure(variant: str, data_dir: Path, epochs: int, size: int) -> dict:
+    """Run one loop in a fresh process and return its figures."""
+    output = subprocess.run([sys.executable, __file__, str(data_dir), "--variant", variant, "--epochs", str(epochs),
+                             "--image-size", str(size)], check=True, capture_output=True, text=True).stdout
+    return json.loads(output.splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data_dir", type=Path, help="folder with clean/ and faulty/")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs timed per loop (the fastest counts)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--variant", choices=("ours", "baseline"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        figures = (ours if args.variant == "ours" else baseline)(args.data_dir, args.epochs, args.image_size)
+        print(json.dumps(figures))
+        return
+    matmul = matmul_gflops()
+    flops = training_flops_per_image(args.image_size)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, image {args.image_size} px, batch {BATCH}, "
+          f"random init; fp32 matmul 2048^2: {matmul:.1f} GFLOP/s; ResNet18 training step: "
+          f"{flops / 1e9:.2f} GFLOP/image")
+    results = {variant: measure(variant, args.data_dir, args.epochs, args.image_size)
+               for variant in ("baseline", "ours")}
+    header = (f"{'loop':<10}{'train img/s':>12}{'eval img/s':>12}{'s/epoch':>9}{'GFLOP/s':>9}{'% matmul':>9}"
+              f"{'s/run*':>8}{'peak MB':>9}")
+    print(header)
+    for variant, figures in results.items():
+        train_rate = figures["train_images"] / figures["epoch_s"]
+        gflops = train_rate * flops / 1e9
+        figures["run_s"] = (figures["decode_s"] + EPOCHS_PER_RUN * figures["epoch_s"] + figures["evaluate_s"]
+                            + figures["copy_s"])
+        print(f"{variant:<10}{train_rate:>12.2f}{figures['test_images'] / figures['evaluate_s']:>12.1f}"
+              f"{figures['epoch_s']:>9.1f}{gflops:>9.1f}{100 * gflops / matmul:>8.0f}%{figures['run_s']:>8.0f}"
+              f"{figures['peak_rss_mb']:>9.0f}")
+    base, fast = results["baseline"], results["ours"]
+    print(f"ratios (baseline / ours): epoch {base['epoch_s'] / fast['epoch_s']:.2f}x, "
+          f"evaluation {base['evaluate_s'] / fast['evaluate_s']:.2f}x, run {base['run_s'] / fast['run_s']:.2f}x, "
+          f"peak RSS {base['peak_rss_mb'] / fast['peak_rss_mb']:.2f}x")
+    print(f"* s/run = image decoding + {EPOCHS_PER_RUN} epochs (the recorded runs' mean) x fastest epoch "
+          f"+ evaluation + image copying; validation passes are not counted")
+
+
+if __name__ == "__main__":
+    main()
