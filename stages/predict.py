@@ -98,7 +98,7 @@ def main() -> None:
     table = predict(images, run, args.threshold, (params.data.negative_class, params.data.positive_class),
                     params.device, params.evaluate.batch_size)
     write_csv_atomic(args.output, table)
-    print(table.drop(columns="error").to_string(index=False))  # the result itself, on stdout
+    print(table.drop(columns="error").to_string(index=False, na_rep="-"))  # the result itself, on stdout
     skipped = int((table["error"] != "").sum())
     log.info("wrote %s (%d images%s)", args.output, len(table) - skipped, f", {skipped} skipped" if skipped else "")
 

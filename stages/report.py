@@ -54,14 +54,14 @@ h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:34px 0 12px;border-bot
 .card{background:#fff;border-radius:10px;padding:14px 18px;box-shadow:0 1px 3px #0001;min-width:150px}
 .card b{display:block;font-size:24px}.card span{color:#5b6475;font-size:13px}
 table{border-collapse:collapse;background:#fff;border-radius:8px;overflow:hidden;box-shadow:0 1px 3px #0001;font-size:14px}
-th,td{padding:7px 12px;text-align:right;border-bottom:1px solid #eceef2}th{background:#eef1f6;font-weight:600}
+th,td{padding:7px 12px;text-align:right;border-bottom:1px solid #eceef2;white-space:nowrap}th{background:#eef1f6;font-weight:600}
 td:first-child,th:first-child{text-align:left}tr:last-child td{border-bottom:none}
 .note{color:#5b6475;font-size:13px;max-width:900px}.warn{background:#fff4e0;border-left:4px solid #f0a020;padding:10px 14px;border-radius:6px}
 .cm td{width:110px;text-align:center;font-size:16px}.cm .good{background:#e3f4e8}.cm .bad{background:#fbe4e4}
 .charts{display:grid;grid-template-columns:1fr 1fr;gap:16px}.charts img{background:#fff;border-radius:8px;box-shadow:0 1px 3px #0001;width:100%}
 .wide{overflow-x:auto}
 .sheet{display:flex;flex-wrap:wrap;gap:10px}.sheet figure{margin:0;background:#fff;border-radius:8px;padding:6px;
-box-shadow:0 1px 3px #0001;width:236px;font-size:11px}.sheet img{width:112px;height:112px;object-fit:cover;border-radius:4px;margin-right:4px}
+box-shadow:0 1px 3px #0001;width:min-content;min-width:112px;font-size:11px}.sheet img{width:112px;height:112px;object-fit:cover;border-radius:4px;margin-right:4px}
 .sheet figcaption{margin-top:4px;line-height:1.35;word-break:break-all}.tag{font-weight:600}.fp{color:#b3261e}.fn{color:#8a5a00}
 """
 
