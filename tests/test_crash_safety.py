@@ -98,3 +98,31 @@ def test_forced_rerun_is_bit_identical(project: Path) -> None:
     second_metrics = json.loads((project / "metrics" / "runs" / "run-0.json").read_text())
     assert without_timings(second_metrics) == without_timings(first_metrics)
     assert "test_accuracy" in without_timings(first_metrics)
+
+
+def test_interrupted_evaluate_keeps_the_previous_outputs_whole(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import stages.evaluate
+    from stages.common import main_guard
+
+    run([*DVC, "repro"], project)
+    eval_dir = project / "data" / "runs" / "run-0" / "eval"
+    metrics_file = project / "metrics" / "runs" / "run-0.json"
+    before = {path.relative_to(eval_dir): path.read_bytes() for path in eval_dir.rglob("*") if path.is_file()}
+    metrics_before = metrics_file.read_bytes()
+    copies = []
+
+    def copy_then_interrupt(source: object, target: object) -> None:
+        copies.append(target)
+        raise KeyboardInterrupt  # Ctrl-C in the middle of writing the run's outputs
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "argv", ["stages.evaluate", "--run", "0"])
+    monkeypatch.setattr(stages.evaluate.shutil, "copy2", copy_then_interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        main_guard(stages.evaluate.main)
+    assert exit_info.value.code == 130 and copies, "the run must have misclassified images to copy"
+    after = {path.relative_to(eval_dir): path.read_bytes() for path in eval_dir.rglob("*") if path.is_file()}
+    assert after == before and metrics_file.read_bytes() == metrics_before
+    assert not list(eval_dir.parent.glob(".eval.*.tmp"))
