@@ -506,7 +506,6 @@ class TrainedModel:
 
     network: torch.nn.Module
     image_size: int
-    arch: str
 
 
 def load_trained_model(path: Path, device: torch.device) -> TrainedModel:
@@ -517,7 +516,7 @@ def load_trained_model(path: Path, device: torch.device) -> TrainedModel:
     network = build_model(checkpoint["arch"], None)
     network.load_state_dict(checkpoint["state_dict"])
     network.to(device, memory_format=torch.channels_last).eval()
-    return TrainedModel(network, checkpoint["image_size"], checkpoint["arch"])
+    return TrainedModel(network, checkpoint["image_size"])
 
 
 def weights_label(pretrained: bool) -> str:

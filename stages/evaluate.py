@@ -21,7 +21,6 @@ from sklearn.metrics import (
     recall_score,
     roc_auc_score,
 )
-
 from tqdm import tqdm
 
 from stages.common import (

@@ -130,19 +130,18 @@ def render_report(summary: dict, runs: pd.DataFrame, history: pd.DataFrame, roc:
     heatmap (the Grad-CAM overlay's path, or "").
     """
     clean, faulty = (html.escape(name) for name in class_names)
-    stats = summary
     cards = "".join(
-        f'<div class="card"><b>{_format(stats[key]["mean"], kind)}</b><span>{label}<br>± '
-        f'{_format(stats[key]["std"], kind)} over {summary["runs"]} runs</span></div>'
+        f'<div class="card"><b>{_format(summary[key]["mean"], kind)}</b><span>{label}<br>± '
+        f'{_format(summary[key]["std"], kind)} over {summary["runs"]} runs</span></div>'
         for key, label, kind in (("test_accuracy", "test accuracy", "pct"),
                                  ("test_balanced_accuracy", "balanced accuracy", "pct"),
                                  ("test_precision", "precision", "pct"), ("test_recall", "recall", "pct"))
     )
     summary_rows = "".join(
-        f"<tr><td>{label}</td><td>{_format(stats[key]['mean'], kind)}</td><td>{_format(stats[key]['std'], kind)}</td>"
-        f"<td>{_format(stats[key]['min'], kind)}</td><td>{_format(stats[key]['max'], kind)}</td>"
+        f"<tr><td>{label}</td><td>{_format(summary[key]['mean'], kind)}</td><td>{_format(summary[key]['std'], kind)}</td>"
+        f"<td>{_format(summary[key]['min'], kind)}</td><td>{_format(summary[key]['max'], kind)}</td>"
         f"<td>{_format(STUDY.get(key), kind)}</td></tr>"
-        for key, label, kind in SUMMARY_ROWS if key in stats
+        for key, label, kind in SUMMARY_ROWS if key in summary
     )
     matrix = summary["confusion_matrix_mean"]
     confusion = (
