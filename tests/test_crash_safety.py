@@ -17,16 +17,21 @@ from tests.conftest import DVC, SMALL, commit_all, make_project, run, write_para
 TIMING_KEYS = ("seconds", "rss", "cuda")
 
 
+def project_params(data_dir: Path, epochs: int = 4) -> dict[str, object]:
+    return {**SMALL, "runs": [0], "data.dir": str(data_dir), "train.max_epochs": epochs, "train.min_epochs": epochs}
+
+
 @pytest.fixture
 def project(tmp_path: Path, metal_subset: Path) -> Path:
     path = make_project(tmp_path / "project")
-    write_params(path, {**SMALL, "runs": [0], "data.dir": str(metal_subset), "train.max_epochs": 4,
-                        "train.min_epochs": 4})
+    write_params(path, project_params(metal_subset))
     commit_all(path, "project")
     return path
 
 
-def start_repro(project: Path) -> subprocess.Popen:
+def start_long_repro(project: Path, data_dir: Path) -> subprocess.Popen:
+    """Start ``dvc repro`` with a training far too long to end before the test interrupts it."""
+    write_params(project, project_params(data_dir, epochs=10_000))
     return subprocess.Popen([*DVC, "repro"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
 
@@ -52,34 +57,36 @@ def stage_process(process: subprocess.Popen, module: str) -> psutil.Process:
     pytest.fail(f"no {module} process under dvc repro")
 
 
-def assert_recovers(project: Path) -> None:
-    """No output of the interrupted run is left half-written, and a plain dvc repro finishes the job."""
+def assert_recovers(project: Path, data_dir: Path) -> None:
+    """No output of the interrupted run is left half-written, and a plain dvc repro (short training again)
+    finishes the job."""
     run_dir = project / "data" / "runs" / "run-0"
     assert not (run_dir / "model").exists() and not (project / "metrics" / "runs" / "run-0.json").exists()
+    write_params(project, project_params(data_dir))
     result = run([*DVC, "repro"], project)
     assert "Running stage 'train@0'" in result.stdout and "Running stage 'aggregate'" in result.stdout
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) in ([], [".gitignore"])
     assert json.loads((project / "metrics" / "summary.json").read_text())["runs"] == 1
 
 
-def test_sigkill_during_training_then_repro_recovers(project: Path) -> None:
-    process = start_repro(project)
-    read_until(process, "run 0 epoch 2/4")
+def test_sigkill_during_training_then_repro_recovers(project: Path, metal_subset: Path) -> None:
+    process = start_long_repro(project, metal_subset)
+    read_until(process, "run 0 epoch 2/10000")
     stage_process(process, "stages.train").kill()
     output = process.communicate(timeout=120)[0]
     assert process.returncode != 0, output
-    assert_recovers(project)
+    assert_recovers(project, metal_subset)
 
 
-def test_ctrl_c_stops_cleanly_with_a_short_message(project: Path) -> None:
-    process = start_repro(project)
-    before = read_until(process, "run 0 epoch 1/4")
+def test_ctrl_c_stops_cleanly_with_a_short_message(project: Path, metal_subset: Path) -> None:
+    process = start_long_repro(project, metal_subset)
+    before = read_until(process, "run 0 epoch 1/10000")
     os.killpg(process.pid, signal.SIGINT)
     output = before + process.communicate(timeout=120)[0]
     assert process.returncode != 0
     assert "interrupted" in output and "rerun 'dvc repro'" in output
     assert "Traceback" not in output
-    assert_recovers(project)
+    assert_recovers(project, metal_subset)
 
 
 def without_timings(metrics: dict) -> dict:
