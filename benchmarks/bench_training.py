@@ -30,14 +30,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.common import (  # noqa: E402
+from stages.common import peak_rss_mb, run_seed  # noqa: E402
+from stages.network import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     build_model,
     load_images,
-    peak_rss_mb,
     predict_scores,
-    run_seed,
     seed_everything,
 )
 from stages.prepare_split import group_ids, scan_dataset, split_groups  # noqa: E402

@@ -12,6 +12,7 @@ from stages.common import (
     Params,
     PipelineError,
     RunPaths,
+    heatmap_path,
     load_params,
     main_guard,
     misclassified_copy,
@@ -20,7 +21,6 @@ from stages.common import (
     write_json_atomic,
     write_text_atomic,
 )
-from stages.explain import heatmap_path
 from stages.report import render_report
 
 log = logging.getLogger("anomaly_pipeline.aggregate")
@@ -54,6 +54,7 @@ def summarize(table: pd.DataFrame) -> dict:
     summary: dict = {
         "runs": len(table),
         "weights": "imagenet" if table["pretrained"].all() else "random-init" if not table["pretrained"].any() else "mixed",
+        "finetune": "/".join(sorted(table["finetune"].unique())),
     }
     for column in numeric.columns:
         if column.startswith("cm_"):
@@ -67,7 +68,8 @@ def summarize(table: pd.DataFrame) -> dict:
 
 def format_summary(summary: dict) -> str:
     """The headline metrics as a small text table (mean ± std, min – max)."""
-    lines = [f"{summary['runs']} runs, {summary['weights']} weights", f"{'metric':<24}{'mean ± std':>22}{'min – max':>24}"]
+    lines = [f"{summary['runs']} runs, {summary['weights']} weights, finetune {summary['finetune']}",
+             f"{'metric':<24}{'mean ± std':>22}{'min – max':>24}"]
     for name in HEADLINE:
         stats = summary[name]
         std = stats["std"] if stats["std"] is not None else float("nan")

@@ -1,6 +1,7 @@
 """evaluate: score one run's best model on its test (and train) images and write the run's metrics.
 
 Misclassified test images are copied into false_positives/ and false_negatives/, each with its Grad-CAM heatmap.
+A model trained on frozen features (train.finetune layer4 or head) is scored from the same cached features.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -24,23 +26,34 @@ from sklearn.metrics import (
 from tqdm import tqdm
 
 from stages.common import (
+    Params,
+    PipelineError,
     RunPaths,
     atomic_dir,
-    load_images,
+    heatmap_path,
     load_params,
-    load_trained_model,
     main_guard,
     misclassified_copy,
     peak_rss_mb,
-    predict_scores,
     read_json,
     read_manifest,
-    resolve_device,
     run_arg,
     write_csv_atomic,
     write_json_atomic,
 )
-from stages.explain import grad_cam, heatmap_path, overlay
+from stages.explain import grad_cam, overlay
+from stages.network import (
+    FEATURES_FILE,
+    TrainedModel,
+    frozen_and_trainable,
+    input_preparation,
+    load_feature_cache,
+    load_image,
+    load_images,
+    load_trained_model,
+    predict_scores,
+    resolve_device,
+)
 
 log = logging.getLogger("anomaly_pipeline.evaluate")
 
@@ -62,6 +75,23 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: fl
     }
 
 
+def scorer(params: Params, trained: TrainedModel, device: torch.device) -> Callable[[pd.DataFrame], np.ndarray]:
+    """Scores a split's manifest: from its cached frozen features when the model was trained on them,
+    else from its decoded images."""
+    batch_size = params.evaluate.batch_size
+    if trained.finetune == "all":
+        return lambda manifest: predict_scores(
+            trained.network, load_images(params.data.dir, manifest["path"].tolist(), trained.image_size),
+            batch_size, device)
+    cache = load_feature_cache(params.model, trained.finetune)
+    if cache.identity["backbone_sha256"] != trained.backbone_sha256:
+        raise PipelineError(f"{FEATURES_FILE} holds features of other weights than the model was trained from: "
+                            f"run 'dvc repro' so train and evaluate run again")
+    _, head = frozen_and_trainable(trained.network, trained.finetune)
+    prepare = input_preparation(trained.finetune)
+    return lambda manifest: predict_scores(head, cache.lookup(manifest["sha256"].tolist()), batch_size, device, prepare)
+
+
 def main() -> None:
     params = load_params()
     run = run_arg(__doc__.splitlines()[0], params)
@@ -71,14 +101,9 @@ def main() -> None:
     trained = load_trained_model(paths.model_file, device)
     model, size = trained.network, trained.image_size
     threshold = params.evaluate.threshold
-
-    def score(split: str) -> tuple[pd.DataFrame, torch.Tensor, np.ndarray]:
-        manifest = read_manifest(paths.manifest(split))
-        images = load_images(params.data.dir, manifest["path"].tolist(), size)
-        return manifest, images, predict_scores(model, images, params.evaluate.batch_size, device)
-
-    train_manifest, _, train_scores = score("train")
-    test_manifest, test_images, test_scores = score("test")
+    score = scorer(params, trained, device)
+    train_manifest, test_manifest = read_manifest(paths.manifest("train")), read_manifest(paths.manifest("test"))
+    train_scores, test_scores = score(train_manifest), score(test_manifest)
     test = classification_metrics(test_manifest["label"].to_numpy(), test_scores, threshold)
     train_accuracy = accuracy_score(train_manifest["label"], (train_scores >= threshold).astype(int))
     predictions = test_manifest.assign(
@@ -93,7 +118,7 @@ def main() -> None:
             row = predictions.iloc[position]
             copy = misclassified_copy(out, row.path, row.label)
             shutil.copy2(params.data.dir / row.path, copy)
-            cam = grad_cam(model, test_images[position], int(row.predicted), device)
+            cam = grad_cam(model, load_image(params.data.dir / row.path, size), int(row.predicted), device)
             overlay(copy, cam).save(heatmap_path(copy))
     evaluate_seconds = time.perf_counter() - started
     train_summary = read_json(paths.train_summary_file)

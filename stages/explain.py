@@ -9,9 +9,8 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from stages.common import normalize, open_rgb
-
-HEATMAP_SUFFIX = ".gradcam.png"
+from stages.common import open_rgb
+from stages.network import normalize
 
 
 def grad_cam(model: torch.nn.Module, image: torch.Tensor, target_class: int, device: torch.device) -> np.ndarray:
@@ -41,8 +40,3 @@ def overlay(source: Path, cam: np.ndarray, opacity: float = 0.45) -> Image.Image
     heat = Image.fromarray((cam * 255).astype(np.uint8)).resize(image.size, Image.Resampling.BILINEAR)
     coloured = (colormaps["jet"](np.asarray(heat) / 255.0)[:, :, :3] * 255).astype(np.uint8)
     return Image.blend(image, Image.fromarray(coloured), opacity)
-
-
-def heatmap_path(image_copy: Path) -> Path:
-    """Where the heatmap of a copied image is written: beside it, ``<name>.gradcam.png``."""
-    return image_copy.with_name(image_copy.name + HEATMAP_SUFFIX)

@@ -18,13 +18,11 @@ import torch
 from stages.common import (
     PipelineError,
     RunPaths,
-    load_images,
     load_params,
-    load_trained_model,
     main_guard,
-    normalize,
     read_manifest,
 )
+from stages.network import load_images, load_trained_model, normalize
 
 log = logging.getLogger("anomaly_pipeline.export")
 TOLERANCE = 1e-4  # largest allowed difference of a faulty probability

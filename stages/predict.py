@@ -19,14 +19,16 @@ from stages.common import (
     PipelineError,
     RunPaths,
     list_folder,
-    load_image,
     load_params,
-    load_trained_model,
     main_guard,
-    predict_scores,
     read_json,
-    resolve_device,
     write_csv_atomic,
+)
+from stages.network import (
+    load_image,
+    load_trained_model,
+    predict_scores,
+    resolve_device,
 )
 
 log = logging.getLogger("anomaly_pipeline.predict")

@@ -1,4 +1,8 @@
-"""train: fine-tune the classifier of one run and keep the weights with the best validation loss."""
+"""train: fine-tune the classifier of one run and keep the weights with the best validation loss.
+
+With train.finetune 'all' every layer trains on the decoded images. With 'layer4' or 'head' the frozen
+layers' output comes from the features stage (looked up by sha256) and only the layers after them train.
+"""
 
 from __future__ import annotations
 
@@ -19,21 +23,27 @@ from stages.common import (
     RunPaths,
     TrainParams,
     atomic_dir,
-    build_model,
-    fetch_pretrained_state,
-    load_images,
     load_params,
     main_guard,
-    normalize,
     peak_rss_mb,
     read_manifest,
-    resolve_device,
     run_arg,
     run_seed,
-    seed_everything,
     weights_label,
     write_csv_atomic,
     write_json_atomic,
+)
+from stages.network import (
+    FeatureCache,
+    build_model,
+    fetch_pretrained_state,
+    frozen_and_trainable,
+    input_preparation,
+    load_feature_cache,
+    load_images,
+    normalize,
+    resolve_device,
+    seed_everything,
 )
 
 log = logging.getLogger("anomaly_pipeline.train")
@@ -51,6 +61,14 @@ def batches(count: int, batch_size: int, generator: torch.Generator | None) -> l
     return chunks
 
 
+Prepare = Callable[[torch.Tensor, torch.device], torch.Tensor]
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """Mixed precision (float16) on CUDA when ``enabled``; float32 otherwise."""
+    return torch.autocast(device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda")
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -59,17 +77,29 @@ def train_one_epoch(
     batch_size: int,
     device: torch.device,
     generator: torch.Generator,
+    prepare: Prepare = normalize,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, float]:
-    """One pass over the training images in shuffled batches; returns (mean loss, accuracy)."""
+    """One pass over the training inputs in shuffled batches; returns (mean loss, accuracy).
+
+    ``prepare`` turns a batch of stored inputs into the model's input on ``device``; with a (CUDA) ``scaler``
+    the forward pass runs in mixed precision.
+    """
     model.train()
     total_loss, correct = 0.0, 0
     for index in tqdm(batches(len(images), batch_size, generator), desc="train", unit="batch", leave=False, disable=None):
-        inputs, targets = normalize(images[index], device), labels[index].to(device)
+        inputs, targets = prepare(images[index], device), labels[index].to(device)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(inputs)
-        loss = torch.nn.functional.cross_entropy(logits, targets)
-        loss.backward()
-        optimizer.step()
+        with autocast(device, scaler is not None):
+            logits = model(inputs)
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         total_loss += loss.item() * len(index)
         correct += (logits.argmax(1) == targets).sum().item()
     return total_loss / len(images), correct / len(images)
@@ -77,13 +107,15 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def validate(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
+    prepare: Prepare = normalize, amp: bool = False,
 ) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy on held-out images, in eval mode."""
+    """Mean cross-entropy loss and accuracy on held-out inputs, in eval mode."""
     model.eval()
     total_loss, correct = 0.0, 0
     for index in batches(len(images), batch_size, None):
-        logits = model(normalize(images[index], device))
+        with autocast(device, amp):
+            logits = model(prepare(images[index], device)).float()
         targets = labels[index].to(device)
         total_loss += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         correct += (logits.argmax(1) == targets).sum().item()
@@ -99,13 +131,17 @@ def fit(
     generator: torch.Generator,
     run: int,
     on_epoch: Callable[[dict], None] = lambda record: None,
+    prepare: Prepare = normalize,
 ) -> tuple[dict[str, torch.Tensor], pd.DataFrame]:
     """Train with Adam and ReduceLROnPlateau, early stopping on validation loss.
 
     Runs at least ``min_epochs`` and at most ``max_epochs`` epochs, stops once the validation loss has
     not improved for ``patience`` epochs, and returns a copy of the best epoch's weights with the history.
     ``on_epoch`` receives each epoch's record (epoch, losses, accuracies, lr, seconds) as it ends.
+    Mixed precision (``settings.amp``) applies on CUDA only.
     """
+    amp = settings.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type) if amp else None
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=settings.scheduler.factor, patience=settings.scheduler.patience
@@ -114,8 +150,9 @@ def fit(
     for epoch in range(1, settings.max_epochs + 1):
         started = time.perf_counter()
         learning_rate = optimizer.param_groups[0]["lr"]
-        train_loss, train_accuracy = train_one_epoch(model, optimizer, *train_data, settings.batch_size, device, generator)
-        val_loss, val_accuracy = validate(model, *val_data, settings.batch_size, device)
+        train_loss, train_accuracy = train_one_epoch(model, optimizer, *train_data, settings.batch_size, device,
+                                                     generator, prepare, scaler)
+        val_loss, val_accuracy = validate(model, *val_data, settings.batch_size, device, prepare, amp)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise PipelineError(
                 f"run {run}, epoch {epoch}: loss is not finite (train {train_loss}, val {val_loss}); "
@@ -151,11 +188,26 @@ def log_epoch(live: Live, record: dict) -> None:
     live.next_step()
 
 
-def load_split(params: Params, paths: RunPaths, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoded images and labels of one split of the run (each image decoded and resized once)."""
+def load_split(params: Params, paths: RunPaths, split: str,
+               cache: FeatureCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and labels of one split of the run: its cached features when given, else its images
+    (each decoded and resized once)."""
     manifest = read_manifest(paths.manifest(split))
-    images = load_images(params.data.dir, manifest["path"].tolist(), params.model.image_size)
-    return images, torch.tensor(manifest["label"].to_list(), dtype=torch.long)
+    if cache is not None:
+        inputs = cache.lookup(manifest["sha256"].tolist())
+    else:
+        inputs = load_images(params.data.dir, manifest["path"].tolist(), params.model.image_size)
+    return inputs, torch.tensor(manifest["label"].to_list(), dtype=torch.long)
+
+
+def initial_model(params: Params, run: int, cache: FeatureCache | None) -> torch.nn.Module:
+    """The network training starts from: the frozen features' weights, ImageNet's, or random (run seed)."""
+    if cache is not None:
+        return build_model(params.model.arch, cache.backbone_state)
+    if not params.model.pretrained:
+        log.warning("run %d: model.pretrained is false: training %s from random initialisation", run, params.model.arch)
+        return build_model(params.model.arch, None)
+    return build_model(params.model.arch, fetch_pretrained_state(params.model.arch))
 
 
 def main() -> None:
@@ -163,26 +215,32 @@ def main() -> None:
     run = run_arg(__doc__.splitlines()[0], params)
     paths = RunPaths(run)
     device = resolve_device(params.device)
-    pretrained_state = fetch_pretrained_state(params.model.arch) if params.model.pretrained else None
-    if pretrained_state is None:
-        log.warning("run %d: model.pretrained is false: training %s from random initialisation",
-                    run, params.model.arch)
+    finetune = params.train.finetune
+    if params.train.amp and device.type != "cuda":
+        log.info("run %d: train.amp applies on CUDA only; training in float32 on the %s", run, device.type)
+    cache = load_feature_cache(params.model, finetune) if finetune != "all" else None
     seed = run_seed(params.seed, run)
     seed_everything(seed)
     started = time.perf_counter()
-    train_data, val_data = load_split(params, paths, "train"), load_split(params, paths, "val")
-    model = build_model(params.model.arch, pretrained_state).to(device, memory_format=torch.channels_last)
-    log.info("run %d: training %s (%s weights) on %s: %d train, %d val images", run, params.model.arch,
+    model = initial_model(params, run, cache).to(device, memory_format=torch.channels_last)
+    train_data, val_data = load_split(params, paths, "train", cache), load_split(params, paths, "val", cache)
+    frozen, trainable = frozen_and_trainable(model, finetune)
+    frozen.requires_grad_(False)
+    log.info("run %d: training %s of %s (%s weights) on %s: %d train, %d val images", run,
+             "all layers" if finetune == "all" else f"{finetune} (frozen features cached)", params.model.arch,
              weights_label(params.model.pretrained), device, len(train_data[0]), len(val_data[0]))
     generator = torch.Generator().manual_seed(seed)
     with Live(dir=str(paths.live_dir), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        live.log_params({"run": run, "seed": seed, "weights": weights_label(params.model.pretrained)})
-        best_state, history = fit(model, train_data, val_data, params.train, device, generator, run,
-                                  on_epoch=lambda record: log_epoch(live, record))
+        live.log_params({"run": run, "seed": seed, "weights": weights_label(params.model.pretrained),
+                         "finetune": finetune})
+        best_state, history = fit(trainable, train_data, val_data, params.train, device, generator, run,
+                                  on_epoch=lambda record: log_epoch(live, record), prepare=input_preparation(finetune))
+    trainable.load_state_dict(best_state)
     train_seconds = time.perf_counter() - started
     best = history.loc[history["val_loss"].idxmin()]
     summary = {
         "weights": weights_label(params.model.pretrained),
+        "finetune": finetune,
         "device": device.type,
         "epochs_run": len(history),
         "best_epoch": int(best["epoch"]),
@@ -198,8 +256,10 @@ def main() -> None:
             "arch": params.model.arch,
             "image_size": params.model.image_size,
             "weights": weights_label(params.model.pretrained),
+            "finetune": finetune,
+            "backbone_sha256": cache.identity["backbone_sha256"] if cache is not None else None,
             "best_epoch": summary["best_epoch"],
-            "state_dict": best_state,
+            "state_dict": model.state_dict(),
         }, out / "model.pt")
         write_csv_atomic(out / "history.csv", history)
         write_json_atomic(out / "train_summary.json", summary)

@@ -62,6 +62,12 @@ def metal_subset(tmp_path: Path) -> Path:
     return copy_subset(tmp_path / "metal", shared_dataset(METAL), METAL_SUBSET)
 
 
+@pytest.fixture(scope="module")
+def metal_subset_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same subset, shared by the tests of one module."""
+    return copy_subset(tmp_path_factory.mktemp("metal"), shared_dataset(METAL), METAL_SUBSET)
+
+
 def run(command: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command, failing the test with its output when it exits non-zero (and check is set)."""
     result = subprocess.run(command, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,

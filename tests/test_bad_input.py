@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.common import PipelineError, load_image, open_rgb
+from stages.common import PipelineError, open_rgb
+from stages.network import load_image
 from stages.prepare_split import (
     group_ids,
     naive_split_leakage,

@@ -42,13 +42,13 @@ def test_single_class_test_set_has_no_auc_or_balanced_accuracy() -> None:
 
 def test_summary_gives_mean_std_min_max_and_mean_confusion_matrix() -> None:
     table = pd.DataFrame([
-        {"run": 0, "test_accuracy": 0.8, "train_seconds": 10.0, "pretrained": False,
+        {"run": 0, "test_accuracy": 0.8, "train_seconds": 10.0, "pretrained": False, "finetune": "head",
          "cm_tn": 4, "cm_fp": 1, "cm_fn": 1, "cm_tp": 4},
-        {"run": 1, "test_accuracy": 0.6, "train_seconds": 20.0, "pretrained": False,
+        {"run": 1, "test_accuracy": 0.6, "train_seconds": 20.0, "pretrained": False, "finetune": "head",
          "cm_tn": 2, "cm_fp": 3, "cm_fn": 1, "cm_tp": 4},
     ])
     summary = summarize(table)
-    assert summary["runs"] == 2 and summary["weights"] == "random-init"
+    assert summary["runs"] == 2 and summary["weights"] == "random-init" and summary["finetune"] == "head"
     assert summary["test_accuracy"] == pytest.approx({"mean": 0.7, "std": 0.141421, "min": 0.6, "max": 0.8})
     assert summary["train_seconds"]["mean"] == pytest.approx(15.0)
     assert summary["confusion_matrix_mean"] == {"tn": 3.0, "fp": 2.0, "fn": 1.0, "tp": 4.0}

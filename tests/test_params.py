@@ -32,6 +32,8 @@ def test_project_params_are_valid() -> None:
         ("train.batch_size", 0, "train.batch_size"),
         ("train.lr", 0, "train.lr"),
         ("train.scheduler.factor", 1.5, "train.scheduler.factor"),
+        ("train.finetune", "layer3", "train.finetune"),
+        ("train.amp", "on", "train.amp"),
         ("evaluate.batch_size", 0, "evaluate.batch_size"),
         ("model.arch", "vgg16", "model.arch"),
         ("model.pretrained", "yes", "model.pretrained"),

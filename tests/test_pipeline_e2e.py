@@ -227,6 +227,7 @@ def test_exp_run_with_another_seed_reruns_seeded_stages_and_metrics_diff_shows_i
     for stage in ("prepare-split@0", "train@1", "evaluate@0", "aggregate"):
         assert f"Running stage '{stage}'" in result.stdout
     assert "'data/raw.dvc' didn't change, skipping" in result.stdout
+    assert "Stage 'features' didn't change, skipping" in result.stdout
     assert (project / "data" / "runs" / "run-0" / "split" / "test.csv").read_text() != before
 
     diff = json.loads(run([*DVC, "metrics", "diff", "--all", "--json"], project).stdout)

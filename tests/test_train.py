@@ -6,13 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.common import (
-    PipelineError,
-    SchedulerParams,
-    TrainParams,
-    build_model,
-    seed_everything,
-)
+from stages.common import PipelineError, SchedulerParams, TrainParams
+from stages.network import build_model, seed_everything
 from stages.train import batches, fit, validate
 
 CPU = torch.device("cpu")

@@ -1,0 +1,147 @@
+"""The fast preset: train.finetune layer4/head trains on frozen features computed once by the features stage.
+
+The features are keyed by image content and by the network that made them; a change of weights,
+architecture or image size recomputes them, and a stale features file is refused, never used.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from stages.common import ModelParams, PipelineError, sha256_file
+from stages.network import build_model, frozen_and_trainable, load_feature_cache, state_sha256
+from tests.conftest import DVC, SMALL, commit_all, make_project, run, set_dotted, write_params
+from tests.test_model import OFFLINE, write_fake_cache
+
+HEAD = {**SMALL, "train.finetune": "head"}
+
+
+@pytest.mark.parametrize("finetune", ["layer4", "head"])
+def test_frozen_then_trainable_computes_what_the_model_computes(finetune: str) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", None).eval()
+    frozen, trainable = frozen_and_trainable(model, finetune)
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(trainable(frozen(images)), model(images), atol=1e-5)
+    trained = {id(p) for p in trainable.parameters()}
+    assert trained == {id(p) for name, p in model.named_parameters()
+                       if name.startswith("fc.") or finetune == "layer4" and name.startswith("layer4.")}
+
+
+@pytest.fixture(scope="module")
+def head_project(tmp_path_factory: pytest.TempPathFactory, metal_subset_module: Path) -> Path:
+    path = make_project(tmp_path_factory.mktemp("fast") / "project")
+    write_params(path, {**HEAD, "data.dir": str(metal_subset_module)})
+    commit_all(path, "fast preset")
+    result = run([*DVC, "repro"], path)
+    (path / "repro.log").write_text(result.stdout + result.stderr)
+    commit_all(path, "reproduced")
+    return path
+
+
+def stored_features(project: Path) -> dict:
+    return torch.load(project / "data" / "features" / "features.pt", weights_only=True)
+
+
+def test_features_are_computed_once_per_distinct_image(head_project: Path, metal_subset_module: Path) -> None:
+    features = stored_features(head_project)
+    distinct = {sha256_file(path) for path in metal_subset_module.rglob("*.jpg")}
+    assert len(distinct) < len(list(metal_subset_module.rglob("*.jpg")))  # the subset holds identical copies
+    assert sorted(features["sha256"]) == sorted(distinct)
+    assert features["features"].shape == (len(distinct), 512)
+    identity = json.loads((head_project / "data" / "features" / "identity.json").read_text())
+    assert identity["finetune"] == "head" and identity["image_size"] == 32 and identity["weights"] == "random-init"
+    assert identity["backbone_sha256"] == state_sha256(features["backbone_state"])
+
+
+def test_only_the_head_trains_and_the_saved_model_is_whole(head_project: Path) -> None:
+    backbone = stored_features(head_project)["backbone_state"]
+    for run_index in SMALL["runs"]:
+        checkpoint = torch.load(head_project / "data" / "runs" / f"run-{run_index}" / "model" / "model.pt",
+                                weights_only=True)
+        state = checkpoint["state_dict"]
+        assert checkpoint["finetune"] == "head" and checkpoint["backbone_sha256"] == state_sha256(backbone)
+        frozen_names = [name for name in state if not name.startswith("fc.")]
+        assert frozen_names and all(torch.equal(state[name], backbone[name]) for name in frozen_names)
+        assert state["fc.weight"].shape == (2, 512)
+    summary = json.loads((head_project / "metrics" / "summary.json").read_text())
+    assert summary["finetune"] == "head" and summary["runs"] == len(SMALL["runs"])
+
+
+def test_evaluate_from_cached_features_agrees_with_predict_from_images(head_project: Path, tmp_path: Path,
+                                                                        metal_subset_module: Path) -> None:
+    evaluated = pd.read_csv(head_project / "data" / "runs" / "run-0" / "eval" / "predictions.csv")
+    output = tmp_path / "predicted.csv"
+    run([sys.executable, "-m", "stages.predict", "--run", "0", "--output", str(output),
+         *[str(metal_subset_module / path) for path in evaluated["path"]]], head_project)
+    predicted = pd.read_csv(output)
+    assert predicted["faulty_probability"].to_numpy() == pytest.approx(evaluated["score"].to_numpy(), abs=1e-5)
+
+
+def test_a_seed_change_reuses_the_features(head_project: Path) -> None:
+    result = run([*DVC, "exp", "run", "-S", "seed=5"], head_project)
+    assert "Stage 'features' didn't change, skipping" in result.stdout
+    assert "Running stage 'train@0'" in result.stdout
+
+
+@pytest.mark.parametrize(("change", "invalidates"), [
+    ("model.image_size=48", True), ("model.arch=resnet34", True), ("model.pretrained=true", True),
+    ("train.finetune=layer4", True), ("train.lr=0.01", False), ("split.test_ratio=0.4", False),
+])
+def test_what_the_features_depend_on_invalidates_them(head_project: Path, change: str, invalidates: bool) -> None:
+    assert "up to date" in run([*DVC, "status", "features"], head_project).stdout
+    key, value = change.split("=")
+    params_file = head_project / "params.yaml"
+    params = set_dotted(yaml.safe_load(params_file.read_text()), key, yaml.safe_load(value))
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = run([*DVC, "status", "features"], head_project).stdout
+    finally:
+        run(["git", "checkout", "--", "params.yaml"], head_project)
+    if invalidates:
+        assert "changed deps" in status and "params.yaml" in status, status
+    else:
+        assert "up to date" in status, status
+
+
+def test_a_stale_features_file_is_refused(head_project: Path) -> None:
+    path = head_project / "data" / "features" / "features.pt"
+    asked = ModelParams(arch="resnet18", pretrained=False, image_size=32)
+    assert load_feature_cache(asked, "head", path).features.shape[1] == 512
+    for other, finetune in [(ModelParams("resnet18", False, 48), "head"), (ModelParams("resnet34", False, 32), "head"),
+                            (ModelParams("resnet18", True, 32), "head"), (asked, "layer4")]:
+        with pytest.raises(PipelineError, match="run 'dvc repro'"):
+            load_feature_cache(other, finetune, path)
+
+
+def test_layer4_preset_trains_layer4_on_cached_layer3_maps(tmp_path: Path, metal_subset: Path) -> None:
+    project = make_project(tmp_path / "project")
+    write_params(project, {**SMALL, "runs": [0], "train.finetune": "layer4", "data.dir": str(metal_subset)})
+    commit_all(project, "layer4")
+    run([*DVC, "repro"], project)
+    features = stored_features(project)
+    assert features["features"].shape[1:] == (256, 2, 2)  # layer3's output at 32 px
+    state = torch.load(project / "data" / "runs" / "run-0" / "model" / "model.pt", weights_only=True)["state_dict"]
+    backbone = features["backbone_state"]
+    assert torch.equal(state["layer3.1.conv2.weight"], backbone["layer3.1.conv2.weight"])
+    assert not torch.equal(state["layer4.1.conv2.weight"], backbone["layer4.1.conv2.weight"])
+    assert (project / "metrics" / "runs" / "run-0.json").is_file()
+
+
+def test_imagenet_features_come_from_the_torch_home_weights(tmp_path: Path, metal_subset: Path) -> None:
+    torch_home = tmp_path / "torch-home"
+    cached = write_fake_cache(torch_home)
+    project = make_project(tmp_path / "project")
+    write_params(project, {**HEAD, "runs": [0], "model.pretrained": True, "data.dir": str(metal_subset)})
+    run([sys.executable, "-m", "stages.features"], project, env={**OFFLINE, "TORCH_HOME": str(torch_home)})
+    features = stored_features(project)
+    assert features["identity"]["weights"] == "imagenet"
+    assert features["identity"]["backbone_sha256"] == state_sha256(cached)
