@@ -8,6 +8,7 @@ writes only the identity file that says so.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from tqdm import tqdm
@@ -100,9 +101,10 @@ def main() -> None:
     finetune = params.train.finetune
     with atomic_dir(FEATURES_FILE.parent) as out:
         if finetune == "all":
-            write_json_atomic(out / "identity.json", {"finetune": "all", "features": "none: nothing is frozen"})
+            write_json_atomic(out / "summary.json", {"finetune": "all", "features": "none: nothing is frozen"})
             log.info("train.finetune is 'all': no frozen features to compute")
             return
+        started = time.perf_counter()
         device = resolve_device(params.device)
         images = distinct_images(params)
         state = backbone_state(params)
@@ -112,10 +114,12 @@ def main() -> None:
         digests, features = extract(frozen, params, images, device)
         torch.save({"identity": identity, "sha256": digests, "features": features, "backbone_state": state},
                    out / FEATURES_FILE.name)
-        write_json_atomic(out / "identity.json", {**identity, "images": len(digests),
-                                                  "feature_shape": list(features.shape[1:])})
-    log.info("features for %d distinct images (%s each, %s weights, finetune %s)", len(digests),
-             "x".join(map(str, features.shape[1:])), identity["weights"], finetune)
+        seconds = time.perf_counter() - started
+        write_json_atomic(out / "summary.json", {**identity, "images": len(digests),
+                                                  "feature_shape": list(features.shape[1:]),
+                                                  "seconds": round(seconds, 2)})
+    log.info("features for %d distinct images (%s each, %s weights, finetune %s) in %.0f s", len(digests),
+             "x".join(map(str, features.shape[1:])), identity["weights"], finetune, seconds)
 
 
 if __name__ == "__main__":

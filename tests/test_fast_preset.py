@@ -57,7 +57,7 @@ def test_features_are_computed_once_per_distinct_image(head_project: Path, metal
     assert len(distinct) < len(list(metal_subset_module.rglob("*.jpg")))  # the subset holds identical copies
     assert sorted(features["sha256"]) == sorted(distinct)
     assert features["features"].shape == (len(distinct), 512)
-    identity = json.loads((head_project / "data" / "features" / "identity.json").read_text())
+    identity = json.loads((head_project / "data" / "features" / "summary.json").read_text())
     assert identity["finetune"] == "head" and identity["image_size"] == 32 and identity["weights"] == "random-init"
     assert identity["backbone_sha256"] == state_sha256(features["backbone_state"])
 

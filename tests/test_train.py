@@ -78,3 +78,10 @@ def test_grad_cam_is_a_normalised_map_that_depends_on_the_image() -> None:
     assert all(m.min() >= 0 and m.max() <= 1 for m in maps)
     assert not (maps[0] == maps[1]).all()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_amp_is_a_cuda_option_and_changes_nothing_on_the_cpu() -> None:
+    _, best_fp32, history_fp32 = train(min_epochs=2, max_epochs=2)
+    _, best_amp, history_amp = train(min_epochs=2, max_epochs=2, amp=True)
+    pd.testing.assert_frame_equal(history_amp.drop(columns="seconds"), history_fp32.drop(columns="seconds"))
+    assert all(torch.equal(best_amp[name], best_fp32[name]) for name in best_fp32)
