@@ -64,8 +64,10 @@ def main() -> None:
         clone_with_params(project, {"data.dir": str(args.data_dir.resolve()), "model.pretrained": False,
                                     "train.finetune": args.finetune, "runs": runs})
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "dvc", "repro", "aggregate"], cwd=project, check=True,
-                       stdout=subprocess.DEVNULL)
+        result = subprocess.run([sys.executable, "-m", "dvc", "repro", "aggregate"], cwd=project,
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            sys.exit(f"dvc repro failed:\n{result.stdout}\n{result.stderr}")
         wall = time.perf_counter() - started
         table = pd.read_csv(project / "metrics" / "runs.csv")
         summary = json.loads((project / "metrics" / "summary.json").read_text())
@@ -76,7 +78,7 @@ def main() -> None:
             "evaluate": table["evaluate_seconds"].sum()}
     process_starts = sum(starts[stage] * count for stage, count in counts.items())
     recorded = pd.read_csv(PROJECT / "metrics" / "runs.csv")
-    full_run = recorded["run_seconds"].median()
+    full_run = (recorded["train_seconds"] + recorded["evaluate_seconds"]).median()
     print(f"dvc repro, {len(runs)} runs, train.finetune {args.finetune}, random init, {args.data_dir}: "
           f"{wall:.0f} s wall ({wall / len(runs):.1f} s per run)")
     print(f"  working: features {work['features']:.1f} s, training {work['train']:.1f} s, "

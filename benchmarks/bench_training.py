@@ -5,7 +5,9 @@
 Each loop runs in its own process (so peak RSS is its own) on run 0's split of the data, random
 initialisation, batch 32, Adam 1e-3. Printed per loop: images/s for training and evaluation, seconds
 per epoch, training GFLOP/s (FlopCounterMode) against the CPU's fp32 matmul GFLOP/s, the estimated
-seconds of a whole run (epochs x epoch time + evaluation + image copying) and peak RSS; then the ratios.
+seconds of a whole run (epochs x epoch time + evaluation + image copying) and peak RSS; then the ratios,
+where a training step of this project's loop spends its time (torch.profiler: data, forward, backward,
+optimizer; convolution, batch norm, ...) and what its memory holds.
 
 The baseline follows the study's loop as its description gives it: every image decoded and resized from
 disk in every epoch, NCHW training, evaluation one image at a time, every split image copied into the
@@ -36,6 +38,7 @@ from stages.network import (  # noqa: E402
     IMAGENET_STD,
     build_model,
     load_images,
+    normalize,
     predict_scores,
     seed_everything,
 )
@@ -96,6 +99,61 @@ def ours(data_dir: Path, epochs: int, size: int) -> dict:
             "epoch_s": min(epoch_times), "evaluate_s": evaluate, "copy_s": 0.0, "peak_rss_mb": peak_rss_mb()}
 
 
+OP_GROUPS = (("convolution", ("conv",)), ("batch norm", ("batch_norm",)),
+             ("relu, pooling, add", ("relu", "pool", "add", "threshold")),
+             ("optimizer (Adam)", ("_foreach", "Optimizer.", "adam")))
+
+
+def profile(data_dir: Path, epochs: int, size: int) -> dict:
+    """Where one training step of this project's loop spends its time: phases, and operator groups."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    train_paths, train_labels, _, _ = split(data_dir)
+    seed_everything(0)
+    images, labels = load_images(data_dir, train_paths[:BATCH * 4], size), torch.tensor(train_labels[:BATCH * 4])
+    model = build_model("resnet18", None).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    cpu = torch.device("cpu")
+
+    def step(index: slice) -> None:
+        with record_function("phase: data"):
+            inputs, targets = normalize(images[index], cpu), labels[index]
+        optimizer.zero_grad(set_to_none=True)
+        with record_function("phase: forward"):
+            loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+        with record_function("phase: backward"):
+            loss.backward()
+        with record_function("phase: optimizer"):
+            optimizer.step()
+
+    before_training = peak_rss_mb()
+    saved: dict[int, int] = {}
+
+    def remember(tensor: torch.Tensor) -> torch.Tensor:
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor):
+        step(slice(0, BATCH))  # warm-up; the tensors autograd keeps for the backward pass are counted
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    memory = {"peak before training": before_training, "peak after one step": peak_rss_mb(),
+              "weights + grads + Adam state": 4 * parameters / 2**20,
+              "tensors kept for backward": sum(saved.values()) / 2**20}
+    with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for start in range(BATCH, len(images), BATCH):
+            step(slice(start, start + BATCH))
+    events = profiler.key_averages()
+    phases = {event.key[len("phase: "):]: event.cpu_time_total for event in events if event.key.startswith("phase: ")}
+    groups = dict.fromkeys([name for name, _ in OP_GROUPS] + ["other"], 0.0)
+    for event in events:
+        if event.key.startswith("phase: "):
+            continue
+        name = next((group for group, words in OP_GROUPS if any(word in event.key for word in words)), "other")
+        groups[name] += event.self_cpu_time_total
+    return {"phases": phases, "operators": groups, "memory_mb": memory}
+
+
 def baseline(data_dir: Path, epochs: int, size: int) -> dict:
     """The study's loop: decode every epoch, NCHW, one-image evaluation, every split image copied."""
     from PIL import Image
@@ -145,6 +203,11 @@ def baseline(data_dir: Path, epochs: int, size: int) -> dict:
             "epoch_s": min(epoch_times), "evaluate_s": evaluate, "copy_s": copy, "peak_rss_mb": peak_rss_mb()}
 
 
+def share_line(times: dict[str, float]) -> str:
+    total = sum(times.values())
+    return ", ".join(f"{name} {100 * value / total:.0f}%" for name, value in times.items())
+
+
 def measure(variant: str, data_dir: Path, epochs: int, size: int) -> dict:
     """Run one loop in a fresh process and return its figures."""
     output = subprocess.run([sys.executable, __file__, str(data_dir), "--variant", variant, "--epochs", str(epochs),
@@ -157,10 +220,11 @@ def main() -> None:
     parser.add_argument("data_dir", type=Path, help="folder with clean/ and faulty/")
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed per loop (the fastest counts)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--variant", choices=("ours", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=("ours", "baseline", "profile"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        figures = (ours if args.variant == "ours" else baseline)(args.data_dir, args.epochs, args.image_size)
+        figures = {"ours": ours, "baseline": baseline, "profile": profile}[args.variant](
+            args.data_dir, args.epochs, args.image_size)
         print(json.dumps(figures))
         return
     matmul = matmul_gflops()
@@ -185,6 +249,11 @@ def main() -> None:
     print(f"ratios (baseline / ours): epoch {base['epoch_s'] / fast['epoch_s']:.2f}x, "
           f"evaluation {base['evaluate_s'] / fast['evaluate_s']:.2f}x, run {base['run_s'] / fast['run_s']:.2f}x, "
           f"peak RSS {base['peak_rss_mb'] / fast['peak_rss_mb']:.2f}x")
+    breakdown = measure("profile", args.data_dir, args.epochs, args.image_size)
+    print("where a training step of ours goes (torch.profiler, 3 batches): "
+          + share_line(breakdown["phases"]) + "; by operator: " + share_line(breakdown["operators"]))
+    print(f"memory of ours, batch {BATCH}, MB: " + ", ".join(f"{name} {value:.0f}"
+                                                          for name, value in breakdown["memory_mb"].items()))
     print(f"* s/run = image decoding + {EPOCHS_PER_RUN:g} epochs (the recorded runs' mean) x fastest epoch "
           f"+ evaluation + image copying; validation passes are not counted")
 
