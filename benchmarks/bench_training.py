@@ -99,9 +99,10 @@ def ours(data_dir: Path, epochs: int, size: int) -> dict:
             "epoch_s": min(epoch_times), "evaluate_s": evaluate, "copy_s": 0.0, "peak_rss_mb": peak_rss_mb()}
 
 
-OP_GROUPS = (("convolution", ("conv",)), ("batch norm", ("batch_norm",)),
-             ("relu, pooling, add", ("relu", "pool", "add", "threshold")),
-             ("optimizer (Adam)", ("_foreach", "Optimizer.", "adam")))
+OP_GROUPS = (("convolution", ("conv",)), ("batch norm", ("batch_norm", "batchnorm")),
+             ("relu, pooling, add", ("relu", "pool", "add_", "threshold")),
+             ("optimizer (Adam)", ("_foreach", "optimizer.", "adam", "lerp", "addcdiv", "sqrt")),
+             ("memory fills", ("fill_", "zero_")))
 
 
 def profile(data_dir: Path, epochs: int, size: int) -> dict:
@@ -149,7 +150,7 @@ def profile(data_dir: Path, epochs: int, size: int) -> dict:
     for event in events:
         if event.key.startswith("phase: "):
             continue
-        name = next((group for group, words in OP_GROUPS if any(word in event.key for word in words)), "other")
+        name = next((group for group, words in OP_GROUPS if any(word in event.key.lower() for word in words)), "other")
         groups[name] += event.self_cpu_time_total
     return {"phases": phases, "operators": groups, "memory_mb": memory}
 

@@ -85,3 +85,19 @@ def test_amp_is_a_cuda_option_and_changes_nothing_on_the_cpu() -> None:
     _, best_amp, history_amp = train(min_epochs=2, max_epochs=2, amp=True)
     pd.testing.assert_frame_equal(history_amp.drop(columns="seconds"), history_fp32.drop(columns="seconds"))
     assert all(torch.equal(best_amp[name], best_fp32[name]) for name in best_fp32)
+
+
+def test_results_do_not_depend_on_filling_new_memory() -> None:
+    """seed_everything turns off deterministic mode's NaN filling of new tensors: a speed-up, never a change."""
+    _, best_fast, history_fast = train(min_epochs=2, max_epochs=2)
+    seed_everything(0)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        model = build_model("resnet18", None)
+        best_filled, history_filled = fit(model, tiny_data(1, 16), tiny_data(2, 12),
+                                          settings(min_epochs=2, max_epochs=2), CPU, torch.Generator().manual_seed(0),
+                                          run=0)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    pd.testing.assert_frame_equal(history_filled.drop(columns="seconds"), history_fast.drop(columns="seconds"))
+    assert all(torch.equal(best_filled[name], best_fast[name]) for name in best_fast)
