@@ -395,6 +395,23 @@ def list_folder(root: Path) -> FolderListing:
     return FolderListing(images, others)
 
 
+def class_dirs(data_dir: Path, negative_class: str, positive_class: str) -> tuple[Path, Path]:
+    """The negative and the positive class folder under ``data_dir``; PipelineError naming the fix if one is missing."""
+    if not data_dir.is_dir():
+        raise PipelineError(
+            f"data folder {data_dir} does not exist: fetch the dataset with 'dvc repro --pull' "
+            f"or point 'data.dir' in params.yaml at a folder with one subfolder per class"
+        )
+    folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for class_name in (negative_class, positive_class):
+        if class_name not in folders:
+            raise PipelineError(
+                f"class folder {data_dir / class_name} does not exist (folders present: {folders}); set "
+                f"'data.negative_class' / 'data.positive_class' in params.yaml to your two class folder names"
+            )
+    return data_dir / negative_class, data_dir / positive_class
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB: 16/32-bit greyscale scaled down, transparency composited onto white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):

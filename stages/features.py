@@ -17,6 +17,7 @@ from stages.common import (
     Params,
     PipelineError,
     atomic_dir,
+    class_dirs,
     list_folder,
     load_params,
     main_guard,
@@ -42,10 +43,7 @@ log = logging.getLogger("anomaly_pipeline.features")
 def distinct_images(params: Params) -> dict[str, str]:
     """sha256 -> path (relative to data.dir) of every distinct image file in the two class folders."""
     images: dict[str, str] = {}
-    for name in (params.data.negative_class, params.data.positive_class):
-        folder = params.data.dir / name
-        if not folder.is_dir():
-            raise PipelineError(f"class folder {folder} is missing: check 'data.dir' and the class names in params.yaml")
+    for folder in class_dirs(params.data.dir, params.data.negative_class, params.data.positive_class):
         for path in list_folder(folder).images:
             images.setdefault(sha256_file(path), path.relative_to(params.data.dir).as_posix())
     return images

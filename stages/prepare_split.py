@@ -23,6 +23,7 @@ from stages.common import (
     PipelineError,
     RunPaths,
     atomic_dir,
+    class_dirs,
     list_folder,
     load_params,
     main_guard,
@@ -58,23 +59,12 @@ def scan_dataset(data_dir: Path, negative_class: str, positive_class: str,
     and the skipped unreadable files with their reasons. Missing or empty classes, and identical images
     in both classes, raise PipelineError; so do unreadable files when ``strict``.
     """
-    if not data_dir.is_dir():
-        raise PipelineError(
-            f"data folder {data_dir} does not exist: fetch the dataset with 'dvc repro --pull' "
-            f"or point 'data.dir' in params.yaml at a folder with one subfolder per class"
-        )
-    folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    extra = [name for name in folders if name not in (negative_class, positive_class)]
+    class_folders = class_dirs(data_dir, negative_class, positive_class)
+    extra = [p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p not in class_folders]
     if extra:
-        log.warning("ignoring folders of %s that are not class folders: %s", data_dir, ", ".join(extra))
+        log.warning("ignoring folders of %s that are not class folders: %s", data_dir, ", ".join(sorted(extra)))
     rows, skipped = [], []
-    for label, class_name in ((0, negative_class), (1, positive_class)):
-        class_dir = data_dir / class_name
-        if not class_dir.is_dir():
-            raise PipelineError(
-                f"class folder {class_dir} does not exist (folders present: {folders}); set "
-                f"'data.negative_class' / 'data.positive_class' in params.yaml to your two class folder names"
-            )
+    for label, class_dir in enumerate(class_folders):
         listing = list_folder(class_dir)
         if listing.others:
             log.warning("ignoring %d files of %s that are not images by their extension: %s",

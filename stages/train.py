@@ -65,8 +65,8 @@ Prepare = Callable[[torch.Tensor, torch.device], torch.Tensor]
 
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """Mixed precision (float16) on CUDA when ``enabled``; float32 otherwise."""
-    return torch.autocast(device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda")
+    """Mixed precision (float16) when ``enabled`` (fit enables it on CUDA only); float32 otherwise."""
+    return torch.autocast(device.type, dtype=torch.float16, enabled=enabled)
 
 
 def train_one_epoch(
