@@ -50,11 +50,25 @@ def read_until(process: subprocess.Popen, marker: str, timeout: float = 300) -> 
     pytest.fail(f"never saw {marker!r} in:\n{''.join(seen)}")
 
 
-def stage_process(process: subprocess.Popen, module: str) -> psutil.Process:
-    for child in psutil.Process(process.pid).children(recursive=True):
-        if module in " ".join(child.cmdline()):
-            return child
-    pytest.fail(f"no {module} process under dvc repro")
+def kill_stage(process: subprocess.Popen, module: str) -> None:
+    """SIGKILL the stage's Python process and the shell DVC may have started it through (both name the module
+    on their command line; killing only the shell would leave the training running)."""
+    stage = [child for child in psutil.Process(process.pid).children(recursive=True)
+             if module in " ".join(child.cmdline())]
+    if not stage:
+        pytest.fail(f"no {module} process under dvc repro")
+    for child in reversed(stage):
+        child.kill()
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> str:
+    """Wait for ``dvc repro`` to exit and return the rest of its output; on timeout kill its whole session so no
+    training outlives the test."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
 
 
 def assert_recovers(project: Path, data_dir: Path) -> None:
@@ -72,8 +86,8 @@ def assert_recovers(project: Path, data_dir: Path) -> None:
 def test_sigkill_during_training_then_repro_recovers(project: Path, metal_subset: Path) -> None:
     process = start_long_repro(project, metal_subset)
     read_until(process, "run 0 epoch 2/10000")
-    stage_process(process, "stages.train").kill()
-    output = process.communicate(timeout=120)[0]
+    kill_stage(process, "stages.train")
+    output = finish(process)
     assert process.returncode != 0, output
     assert_recovers(project, metal_subset)
 
@@ -82,7 +96,7 @@ def test_ctrl_c_stops_cleanly_with_a_short_message(project: Path, metal_subset: 
     process = start_long_repro(project, metal_subset)
     before = read_until(process, "run 0 epoch 1/10000")
     os.killpg(process.pid, signal.SIGINT)
-    output = before + process.communicate(timeout=120)[0]
+    output = before + finish(process)
     assert process.returncode != 0
     assert "interrupted" in output and "rerun 'dvc repro'" in output
     assert "Traceback" not in output
