@@ -89,6 +89,13 @@ def commit_all(path: Path, message: str) -> str:
     return run(["git", "rev-parse", "HEAD"], path).stdout.strip()
 
 
+def reproduce_and_commit(project: Path) -> None:
+    """Run ``dvc repro`` once, keep its output in repro.log for the tests that check what ran, and commit."""
+    result = run([*DVC, "repro"], project)
+    (project / "repro.log").write_text(result.stdout + result.stderr)
+    commit_all(project, "reproduced")
+
+
 def make_project(destination: Path) -> Path:
     """A fresh git + DVC repository holding the project's code, dvc.yaml and params.yaml (no outputs)."""
     destination.mkdir(parents=True)

@@ -17,7 +17,16 @@ import yaml
 
 from stages.common import ModelParams, PipelineError, sha256_file
 from stages.network import build_model, frozen_and_trainable, load_feature_cache, state_sha256
-from tests.conftest import DVC, SMALL, commit_all, make_project, run, set_dotted, write_params
+from tests.conftest import (
+    DVC,
+    SMALL,
+    commit_all,
+    make_project,
+    reproduce_and_commit,
+    run,
+    set_dotted,
+    write_params,
+)
 from tests.test_model import OFFLINE, write_fake_cache
 
 HEAD = {**SMALL, "train.finetune": "head"}
@@ -41,9 +50,7 @@ def head_project(tmp_path_factory: pytest.TempPathFactory, metal_subset_module: 
     path = make_project(tmp_path_factory.mktemp("fast") / "project")
     write_params(path, {**HEAD, "data.dir": str(metal_subset_module)})
     commit_all(path, "fast preset")
-    result = run([*DVC, "repro"], path)
-    (path / "repro.log").write_text(result.stdout + result.stderr)
-    commit_all(path, "reproduced")
+    reproduce_and_commit(path)
     return path
 
 

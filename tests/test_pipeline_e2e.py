@@ -23,6 +23,7 @@ from tests.conftest import (
     copy_subset,
     init_git,
     make_project,
+    reproduce_and_commit,
     run,
     shared_dataset,
     write_params,
@@ -48,9 +49,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, source_repo: tuple[Path, s
     source, commit = source_repo
     run([*DVC, "import", str(source), "dataset", "-o", "data/raw", "--rev", commit], path)
     commit_all(path, "project with imported data")
-    result = run([*DVC, "repro"], path)
-    (path / "first-repro.log").write_text(result.stdout + result.stderr)
-    commit_all(path, "first reproduction")
+    reproduce_and_commit(path)
     return path
 
 
@@ -109,7 +108,7 @@ def test_aggregate_averages_the_runs(project: Path) -> None:
         assert summary[name]["mean"] == pytest.approx(table[name].mean(), abs=1e-5)
         assert summary[name]["min"] <= summary[name]["mean"] <= summary[name]["max"]
     assert sum(summary["confusion_matrix_mean"].values()) == pytest.approx(table["test_images"].mean())
-    log = (project / "first-repro.log").read_text()
+    log = (project / "repro.log").read_text()
     assert "test_accuracy" in log and "±" in log and "random-init weights" in log
 
 
