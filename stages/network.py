@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from stages.common import ModelParams, PipelineError, open_rgb, weights_label
 
@@ -48,8 +49,6 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 
 def load_images(data_dir: Path, relative_paths: list[str], size: int) -> torch.Tensor:
     """Decode and resize every listed image once into an uint8 tensor of shape (N, 3, size, size)."""
-    from tqdm import tqdm
-
     batch = torch.empty((len(relative_paths), 3, size, size), dtype=torch.uint8)
     for index, relative in enumerate(tqdm(relative_paths, desc="decode", unit="img", leave=False, disable=None)):
         batch[index] = load_image(data_dir / relative, size)
@@ -217,8 +216,6 @@ def load_trained_model(path: Path, device: torch.device) -> TrainedModel:
 def predict_scores(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
                    prepare: Callable[[torch.Tensor, torch.device], torch.Tensor] = normalize) -> np.ndarray:
     """Probability of the positive (faulty) class for every image (or cached feature, with ``prepare``), in batches."""
-    from tqdm import tqdm
-
     model.eval()
     scores = []
     for start in tqdm(range(0, len(images), batch_size), desc="predict", unit="batch", leave=False, disable=None):
