@@ -1,4 +1,8 @@
-"""aggregate: average the runs' metrics (metrics/summary.json), tabulate them, write plot data and the HTML report."""
+"""aggregate: average the runs' metrics, tabulate them, write plot data and the HTML report.
+
+metrics/headline.json (the DVC metric that `dvc metrics show`, `diff` and `dvc exp show` print) holds the six
+headline means; metrics/summary.json holds mean, std, min and max of every metric, metrics/runs.csv a row per run.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from stages.common import (
+    STUDY_DATA_DIR,
     Params,
     PipelineError,
     RunPaths,
@@ -25,11 +30,15 @@ from stages.report import render_report
 
 log = logging.getLogger("anomaly_pipeline.aggregate")
 
+HEADLINE_FILE = Path("metrics/headline.json")
 SUMMARY_FILE = Path("metrics/summary.json")
 RUNS_TABLE_FILE = Path("metrics/runs.csv")
 REPORT_FILE = Path("metrics/report.html")
 PLOTS_DIR = Path("metrics/plots")
-HEADLINE = ("test_accuracy", "test_balanced_accuracy", "test_precision", "test_recall", "test_f1",
+# metrics/headline.json: name -> per-run metric whose mean it is (test set, faulty = positive).
+HEADLINE_METRICS = {"accuracy": "test_accuracy", "balanced_accuracy": "test_balanced_accuracy",
+                    "precision": "test_precision", "recall": "test_recall", "f1": "test_f1", "roc_auc": "test_roc_auc"}
+CONSOLE_ROWS = ("test_accuracy", "test_balanced_accuracy", "test_precision", "test_recall", "test_f1",
             "train_accuracy", "run_seconds", "train_peak_rss_mb")
 
 
@@ -66,14 +75,20 @@ def summarize(table: pd.DataFrame) -> dict:
     return summary
 
 
+def headline(summary: dict) -> dict:
+    """The six headline means (4 decimals; None where a metric is undefined, e.g. ROC-AUC on one class)."""
+    means = {name: summary[column]["mean"] for name, column in HEADLINE_METRICS.items()}
+    return {name: None if value is None else round(value, 4) for name, value in means.items()}
+
+
 def format_summary(summary: dict) -> str:
-    """The headline metrics as a small text table (mean ± std, min – max)."""
+    """The headline metrics as a small text table (mean ± std, min – max; std shown as – for a single run)."""
     lines = [f"{summary['runs']} runs, {summary['weights']} weights, finetune {summary['finetune']}",
              f"{'metric':<24}{'mean ± std':>22}{'min – max':>24}"]
-    for name in HEADLINE:
+    for name in CONSOLE_ROWS:
         stats = summary[name]
-        std = stats["std"] if stats["std"] is not None else float("nan")
-        lines.append(f"{name:<24}{stats['mean']:>12.4f} ± {std:<8.4f}{stats['min']:>11.4f} – {stats['max']:<10.4f}")
+        std = "–" if stats["std"] is None else f"{stats['std']:.4f}"
+        lines.append(f"{name:<24}{stats['mean']:>12.4f} ± {std:<8}{stats['min']:>11.4f} – {stats['max']:<10.4f}")
     return "\n".join(lines)
 
 
@@ -115,12 +130,14 @@ def main() -> None:
     predictions, history, roc, precision_recall, misclassified = per_run_frames(params.runs, class_names)
     write_csv_atomic(RUNS_TABLE_FILE, table)
     write_json_atomic(SUMMARY_FILE, summary)
+    write_json_atomic(HEADLINE_FILE, headline(summary))
     write_csv_atomic(PLOTS_DIR / "predictions.csv", predictions)
     write_csv_atomic(PLOTS_DIR / "history.csv", history)
     write_csv_atomic(PLOTS_DIR / "roc.csv", roc.round(6))
     write_csv_atomic(PLOTS_DIR / "precision_recall.csv", precision_recall.round(6))
     write_text_atomic(REPORT_FILE, render_report(summary, table, history, roc, precision_recall, misclassified,
-                                                 params.data.dir, class_names))
+                                                 params.data.dir, class_names,
+                                                 study_dataset=params.data.dir == STUDY_DATA_DIR))
     log.info("summary over runs %s (report: %s):\n%s", list(params.runs), REPORT_FILE, format_summary(summary))
 
 

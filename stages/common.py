@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -19,7 +21,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, get_type_hints
 
 import numpy as np
 import pandas as pd
@@ -28,6 +30,10 @@ import yaml
 from PIL import Image, ImageOps
 
 PARAMS_FILE = Path("params.yaml")
+# The study's dataset: the study-data stage fetches it here (pinned, checked); the default data.dir.
+STUDY_DATA_DIR = Path("data/raw")
+OWN_DATA_COMMAND = ("dvc exp run -S data.dir=/path/to/images -S data.negative_class=clean "
+                    "-S data.positive_class=faulty")
 RUNS_DIR = Path("data/runs")
 RUN_METRICS_DIR = Path("metrics/runs")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -121,6 +127,40 @@ def _get(tree: dict[str, Any], dotted: str, kind: type | tuple[type, ...]) -> An
     return node
 
 
+def parameter_names(section: type = None, prefix: str = "") -> list[str]:
+    """Every valid dotted parameter name (``train.max_epochs``), from the fields of the parameter dataclasses."""
+    section = section or Params
+    names = []
+    for name, kind in get_type_hints(section).items():
+        if dataclasses.is_dataclass(kind):
+            names += parameter_names(kind, f"{prefix}{name}.")
+        else:
+            names.append(prefix + name)
+    return names
+
+
+def _given_names(tree: dict[str, Any], sections: set[str], prefix: str = "") -> list[str]:
+    """The dotted names in a parameter tree, descending only into the known sections."""
+    names = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        names += _given_names(value, sections, name + ".") if name in sections and isinstance(value, dict) else [name]
+    return names
+
+
+def _reject_unknown(tree: dict[str, Any]) -> None:
+    """PipelineError for the first key of ``tree`` that is no parameter, naming the nearest valid one."""
+    valid = parameter_names()
+    sections = {name.rsplit(".", 1)[0] for name in valid if "." in name}
+    sections |= {name.rsplit(".", 1)[0] for name in sections if "." in name}
+    for name in _given_names(tree, sections):
+        if name in valid:
+            continue
+        scored = sorted((-difflib.SequenceMatcher(None, name, candidate).ratio(), candidate) for candidate in valid)
+        hint = f" (did you mean '{scored[0][1]}'?)" if -scored[0][0] >= 0.6 else ""
+        raise PipelineError(f"params.yaml: unknown parameter '{name}'{hint}; remove it or correct its name")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise PipelineError(f"params.yaml: {message}")
@@ -128,6 +168,7 @@ def _require(condition: bool, message: str) -> None:
 
 def parse_params(tree: dict[str, Any]) -> Params:
     """Validate a parameter tree (as read from params.yaml) and return it typed."""
+    _reject_unknown(tree)
     number = (int, float)
     runs = _get(tree, "runs", list)
     _require(len(runs) > 0, "'runs' must list at least one run index, e.g. [0, 1, 2]")
@@ -399,8 +440,8 @@ def class_dirs(data_dir: Path, negative_class: str, positive_class: str) -> tupl
     """The negative and the positive class folder under ``data_dir``; PipelineError naming the fix if one is missing."""
     if not data_dir.is_dir():
         raise PipelineError(
-            f"data folder {data_dir} does not exist: fetch the dataset with 'dvc repro --pull' "
-            f"or point 'data.dir' in params.yaml at a folder with one subfolder per class"
+            f"data folder {data_dir} (params.yaml 'data.dir') does not exist. Point it at a folder with one "
+            f"subfolder per class, for example: {OWN_DATA_COMMAND}"
         )
     folders = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     for class_name in (negative_class, positive_class):

@@ -1,15 +1,19 @@
-"""export: write a run's model as TorchScript or ONNX and check it against PyTorch on sample images.
+"""export: write a run's model as a torch.export program (.pt2) or ONNX and check it against PyTorch.
 
-    python -m stages.export --run 0 --format torchscript|onnx [--output FILE]
+    python -m stages.export --run 0 --format pt2|onnx [--output FILE] [--verbose]
 
 The check runs the exported model and the PyTorch model on up to 8 of the run's test images and
 fails when a faulty probability differs by more than TOLERANCE. ONNX needs onnxruntime for the check.
+The exporters' own progress lines are shown only with --verbose.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +32,15 @@ log = logging.getLogger("anomaly_pipeline.export")
 TOLERANCE = 1e-4  # largest allowed difference of a faulty probability
 SAMPLES = 8
 EXPORTS_DIR = Path("data/exports")
+SUFFIXES = {"pt2": "pt2", "onnx": "onnx"}
 
 
 def export_model(network: torch.nn.Module, example: torch.Tensor, fmt: str, output: Path) -> None:
-    """Write ``network`` (CPU, eval mode) as TorchScript or ONNX (batch dimension dynamic)."""
+    """Write ``network`` (CPU, eval mode) as a torch.export program or ONNX (batch dimension dynamic)."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "torchscript":
-        torch.jit.trace(network, example).save(str(output))
+    if fmt == "pt2":
+        program = torch.export.export(network, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        torch.export.save(program, output)
     else:
         torch.onnx.export(network, (example,), str(output), input_names=["image"], output_names=["logits"],
                           dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
@@ -43,8 +49,9 @@ def export_model(network: torch.nn.Module, example: torch.Tensor, fmt: str, outp
 
 def exported_probabilities(path: Path, fmt: str, inputs: torch.Tensor) -> np.ndarray:
     """Faulty probabilities of the exported model on normalised inputs."""
-    if fmt == "torchscript":
-        logits = torch.jit.load(str(path))(inputs).detach()
+    if fmt == "pt2":
+        with torch.inference_mode():
+            logits = torch.export.load(path).module()(inputs)
     else:
         try:
             import onnxruntime
@@ -59,18 +66,30 @@ def main() -> None:
     params = load_params()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=int, required=True, help="run whose model to export")
-    parser.add_argument("--format", choices=("torchscript", "onnx"), required=True)
-    parser.add_argument("--output", type=Path, help="file to write (default: data/exports/run-N/model.pt|onnx)")
+    parser.add_argument("--format", choices=tuple(SUFFIXES), required=True,
+                        help="pt2: torch.export program (torch.export.load); onnx: ONNX (onnxruntime and others)")
+    parser.add_argument("--output", type=Path, help="file to write (default: data/exports/run-N/model.pt2|onnx)")
+    parser.add_argument("--verbose", action="store_true", help="show the exporter's own progress messages")
     args = parser.parse_args()
+    if args.run not in params.runs:
+        raise PipelineError(f"--run {args.run} is not one of params.yaml 'runs' {list(params.runs)}")
     paths = RunPaths(args.run)
-    output = args.output or EXPORTS_DIR / f"run-{args.run}" / ("model.pt" if args.format == "torchscript" else "model.onnx")
+    output = args.output or EXPORTS_DIR / f"run-{args.run}" / f"model.{SUFFIXES[args.format]}"
     cpu = torch.device("cpu")
     trained = load_trained_model(paths.model_file, cpu)
     network = trained.network.to(memory_format=torch.contiguous_format)
     test = read_manifest(paths.manifest("test"))
     samples = load_images(params.data.dir, test["path"].head(SAMPLES).tolist(), trained.image_size)
     inputs = normalize(samples, cpu).contiguous()
-    export_model(network, inputs[:1], args.format, output)
+    with contextlib.ExitStack() as quiet:
+        if not args.verbose:
+            quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+            quiet.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+            logging.disable(logging.INFO)  # the ONNX optimiser logs every pass at INFO
+            quiet.callback(logging.disable, logging.NOTSET)
+        export_model(network, inputs[:2], args.format, output)
     with torch.inference_mode():
         expected = torch.softmax(network(inputs), dim=1)[:, 1].numpy()
     difference = float(np.abs(exported_probabilities(output, args.format, inputs) - expected).max())

@@ -3,7 +3,8 @@
     python -m stages.predict IMAGE_OR_FOLDER ... [--run N] [--threshold 0.5] [--output predictions.csv]
 
 Without --run it uses the run with the lowest validation loss. Folders are searched recursively;
-files that cannot be read are reported and skipped.
+files that cannot be read are reported and skipped. The table goes to the terminal; a CSV is written
+only where --output says.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from stages.network import (
 )
 
 log = logging.getLogger("anomaly_pipeline.predict")
+SKIPPED = "skipped"
 
 
 def best_run(runs: tuple[int, ...]) -> int:
@@ -60,13 +62,13 @@ def predict(images: list[Path], run: int, threshold: float, class_names: tuple[s
             device_name: str, batch_size: int) -> pd.DataFrame:
     """One row per image: path, faulty probability and label (faulty when the probability >= threshold).
 
-    Unreadable files get an empty probability and their error in the ``error`` column.
+    Unreadable files get no probability (NaN), the label ``skipped`` and their error in the ``error`` column.
     """
     device = resolve_device(device_name)
     trained = load_trained_model(RunPaths(run).model_file, device)
     rows, tensors, readable = [], [], []
     for path in images:
-        row = {"path": str(path), "faulty_probability": None, "label": "", "error": ""}
+        row = {"path": str(path), "faulty_probability": float("nan"), "label": SKIPPED, "error": ""}
         try:
             tensors.append(load_image(path, trained.image_size))
             readable.append(row)
@@ -88,10 +90,13 @@ def main() -> None:
     parser.add_argument("--run", type=int, help="run whose model to use (default: lowest validation loss)")
     parser.add_argument("--threshold", type=float, default=params.evaluate.threshold,
                         help="faulty when the probability is at least this (default: evaluate.threshold)")
-    parser.add_argument("--output", type=Path, default=Path("predictions.csv"), help="CSV to write")
+    parser.add_argument("--output", type=Path, help="also write the table to this CSV file")
     args = parser.parse_args()
     if not 0 < args.threshold < 1:
         raise PipelineError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
+    if args.run is not None and args.run not in params.runs:
+        raise PipelineError(f"--run {args.run} is not one of params.yaml 'runs' {list(params.runs)}: "
+                            f"choose one of those (or leave --run out for the best one)")
     run = best_run(params.runs) if args.run is None else args.run
     images = collect_images(args.targets)
     if not images:
@@ -99,10 +104,13 @@ def main() -> None:
     log.info("run %d's model on %d images, threshold %.2f", run, len(images), args.threshold)
     table = predict(images, run, args.threshold, (params.data.negative_class, params.data.positive_class),
                     params.device, params.evaluate.batch_size)
-    write_csv_atomic(args.output, table)
     print(table.drop(columns="error").to_string(index=False, na_rep="-"))  # the result itself, on stdout
-    skipped = int((table["error"] != "").sum())
-    log.info("wrote %s (%d images%s)", args.output, len(table) - skipped, f", {skipped} skipped" if skipped else "")
+    skipped = int((table["label"] == SKIPPED).sum())
+    summary = f"{len(table) - skipped} images classified" + (f", {skipped} skipped" if skipped else "")
+    if args.output is not None:
+        write_csv_atomic(args.output, table)
+        summary += f"; wrote {args.output}"
+    log.info("%s", summary)
 
 
 if __name__ == "__main__":

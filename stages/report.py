@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from PIL import Image  # noqa: E402
+from stages.common import open_rgb  # noqa: E402
 
 # The published study's own figures (mean over its 10 runs), shown beside ours.
 STUDY = {
@@ -103,11 +103,11 @@ def _line_chart(frame: pd.DataFrame, x: str, y: str, title: str, xlabel: str, yl
 
 
 def _thumbnail(path: Path) -> str:
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        image.thumbnail((THUMBNAIL, THUMBNAIL))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
+    """The image as training saw it (the pipeline's decoder: 16-bit, palette, CMYK, transparency), as a small JPEG."""
+    image = open_rgb(path)
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -123,16 +123,17 @@ def _runs_table(runs: pd.DataFrame) -> str:
 
 def render_report(summary: dict, runs: pd.DataFrame, history: pd.DataFrame, roc: pd.DataFrame,
                   precision_recall: pd.DataFrame, misclassified: pd.DataFrame, data_dir: Path,
-                  class_names: tuple[str, str]) -> str:
-    """The whole report as an HTML string.
+                  class_names: tuple[str, str], study_dataset: bool) -> str:
+    """The whole report as an HTML string; the study's published figures are shown only when ``study_dataset``.
 
     ``misclassified`` has columns run, path, label, score, kind ("false positive"/"false negative"), file and
     heatmap (the Grad-CAM overlay's path, or "").
     """
     clean, faulty = (html.escape(name) for name in class_names)
+    run_count = f"{summary['runs']} run{'' if summary['runs'] == 1 else 's'}"
     cards = "".join(
         f'<div class="card"><b>{_format(summary[key]["mean"], kind)}</b><span>{label}<br>± '
-        f'{_format(summary[key]["std"], kind)} over {summary["runs"]} runs</span></div>'
+        f'{_format(summary[key]["std"], kind)} over {run_count}</span></div>'
         for key, label, kind in (("test_accuracy", "test accuracy", "pct"),
                                  ("test_balanced_accuracy", "balanced accuracy", "pct"),
                                  ("test_precision", "precision", "pct"), ("test_recall", "recall", "pct"))
@@ -140,9 +141,13 @@ def render_report(summary: dict, runs: pd.DataFrame, history: pd.DataFrame, roc:
     summary_rows = "".join(
         f"<tr><td>{label}</td><td>{_format(summary[key]['mean'], kind)}</td><td>{_format(summary[key]['std'], kind)}</td>"
         f"<td>{_format(summary[key]['min'], kind)}</td><td>{_format(summary[key]['max'], kind)}</td>"
-        f"<td>{_format(STUDY.get(key), kind)}</td></tr>"
+        + (f"<td>{_format(STUDY.get(key), kind)}</td>" if study_dataset else "") + "</tr>"
         for key, label, kind in SUMMARY_ROWS if key in summary
     )
+    study_heading = "<th>study (reference)</th>" if study_dataset else ""
+    study_note = ("The study's figures are its published means (ImageNet weights, a split that leaks duplicates)."
+                  if study_dataset else "The study's published figures are not shown: they belong to its own "
+                  "metal-surface dataset, not to these images.")
     matrix = summary["confusion_matrix_mean"]
     confusion = (
         f'<table class="cm"><tr><th>true \\ predicted</th><th>{clean}</th><th>{faulty}</th></tr>'
@@ -175,15 +180,15 @@ def render_report(summary: dict, runs: pd.DataFrame, history: pd.DataFrame, roc:
 <html lang="en"><head><meta charset="utf-8"><title>anomaly-pipeline report</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>
 <body><main>
-<h1>{clean} vs {faulty}: {summary["runs"]} runs</h1>
+<h1>{clean} vs {faulty}: {run_count}</h1>
 <p class="sub">data <code>{html.escape(str(data_dir))}</code> · {html.escape(summary["weights"])} weights · written {stamp}</p>
 {weights_note}
 <div class="cards">{cards}</div>
 <h2>Summary over runs</h2>
-<table><tr><th>metric</th><th>mean</th><th>std</th><th>min</th><th>max</th><th>study (reference)</th></tr>{summary_rows}</table>
+<table><tr><th>metric</th><th>mean</th><th>std</th><th>min</th><th>max</th>{study_heading}</tr>{summary_rows}</table>
 <p class="note">Positive class: {faulty}. Precision, recall and F1 are those of the {faulty} class; specificity is the
 recall of the {clean} class. On an imbalanced test set read balanced accuracy and recall beside accuracy.
-The study's figures are its published means (ImageNet weights, a split that leaks duplicates).</p>
+{study_note}</p>
 <h2>Mean confusion matrix (test)</h2>{confusion}
 <h2>Curves</h2><div class="charts">{charts}</div>
 <h2>Runs</h2>{_runs_table(runs)}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,9 @@ SHARED = Path(os.environ.get("ANOMALY_SHARED_DIR", PROJECT.parent / "shared"))
 METAL = SHARED / "datasets" / "metal-surface"
 FRUIT = SHARED / "datasets" / "fruit"
 DVC = (sys.executable, "-m", "dvc")
-PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/.gitignore")
+PROJECT_FILES = ("stages", "anomaly_pipeline", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/.gitignore",
+                 "data/study-dataset.sha256")
+DVC_FILES = (".dvc/config", ".dvc/plots", ".dvc/plots_page.html")  # copied over what 'dvc init' writes
 
 # A small real subset of metal-surface, chosen to hold byte-identical copies
 # ("clean - (1).jpg" = "clean - (2).jpg"; pitted_surface images come in groups of 4).
@@ -89,9 +94,9 @@ def commit_all(path: Path, message: str) -> str:
     return run(["git", "rev-parse", "HEAD"], path).stdout.strip()
 
 
-def reproduce_and_commit(project: Path) -> None:
+def reproduce_and_commit(project: Path, env: dict[str, str] | None = None) -> None:
     """Run ``dvc repro`` once, keep its output in repro.log for the tests that check what ran, and commit."""
-    result = run([*DVC, "repro"], project)
+    result = run([*DVC, "repro"], project, env)
     (project / "repro.log").write_text(result.stdout + result.stderr)
     commit_all(project, "reproduced")
 
@@ -99,19 +104,23 @@ def reproduce_and_commit(project: Path) -> None:
 def make_project(destination: Path) -> Path:
     """A fresh git + DVC repository holding the project's code, dvc.yaml and params.yaml (no outputs)."""
     destination.mkdir(parents=True)
-    for name in PROJECT_FILES:
+    copy_project_files(destination, PROJECT_FILES)
+    init_git(destination)
+    run([*DVC, "init", "-q"], destination)
+    copy_project_files(destination, DVC_FILES)
+    return destination
+
+
+def copy_project_files(destination: Path, names: tuple[str, ...]) -> None:
+    """Copy the project's files and folders ``names`` into ``destination``, as a fresh clone has them."""
+    for name in names:
         source = PROJECT / name
         target = destination / name
         if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
-    init_git(destination)
-    run([*DVC, "init", "-q"], destination)
-    run([*DVC, "config", "core.analytics", "false"], destination)
-    shutil.copytree(PROJECT / ".dvc" / "plots", destination / ".dvc" / "plots")  # the project's plot templates
-    return destination
 
 
 def default_params() -> dict:
@@ -151,3 +160,32 @@ def write_params(project: Path, changes: dict[str, object]) -> None:
     for dotted, value in changes.items():
         set_dotted(tree, dotted, value)
     (project / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+@functools.cache
+def network_cut() -> tuple[tuple[str, ...], dict[str, str]]:
+    """How to run a command with no network: a prefix (``unshare -n`` where it works) and environment variables
+    (proxies pointing at a closed local port, for where it does not)."""
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "-n", "true"], capture_output=True).returncode == 0:
+        return (unshare, "-n"), {}
+    closed = "http://127.0.0.1:9"
+    return (), {name: closed for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
+
+
+def run_offline(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """``run`` with the network cut for the command."""
+    prefix, env = network_cut()
+    return run([*prefix, *command], cwd, env, check)
+
+
+def study_archive(destination: Path, subset: dict[str, list[str]]) -> tuple[str, str]:
+    """A stand-in for the study repository's GitHub archive holding ``subset`` of metal-surface under
+    ``<repo>-<commit>/dataset/``; returns its file:// URL and the sha256 manifest (``sha256sum`` format)."""
+    root = copy_subset(destination / "AnomalyDetection-pinned" / "dataset", shared_dataset(METAL), subset)
+    archive = destination / "archive.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root.parent, arcname=root.parent.name)
+    lines = sorted(f"{hashlib.sha256((root / cls / name).read_bytes()).hexdigest()}  {cls}/{name}"
+                   for cls, names in subset.items() for name in names)
+    return archive.as_uri(), "\n".join(lines) + "\n"

@@ -166,7 +166,7 @@ def test_stage_reports_a_bad_data_folder_in_one_line(tmp_path: Path) -> None:
     write_params(project, {**SMALL, "data.dir": str(tmp_path / "missing")})
     result = run([sys.executable, "-m", "stages.prepare_split", "--run", "0"], project, check=False)
     assert result.returncode == 1
-    assert "missing does not exist" in result.stderr and "data.dir" in result.stderr
+    assert "missing (params.yaml 'data.dir') does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (project / "data" / "runs").exists()
 

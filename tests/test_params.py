@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 
-from stages.common import PipelineError, parse_params, run_seed
+from stages.common import PipelineError, parameter_names, parse_params, run_seed
 from tests.conftest import default_params, set_dotted
 
 
@@ -68,3 +69,35 @@ def test_run_seeds_are_distinct_and_reproducible() -> None:
     assert len(set(seeds)) == 10
     assert seeds == [run_seed(0, run) for run in range(10)]
     assert run_seed(3, 0) != run_seed(0, 0)
+
+
+@pytest.mark.parametrize(
+    ("dotted", "nearest"),
+    [
+        ("train.epochs", "train.max_epochs"),
+        ("sed", "seed"),
+        ("model.pretrain", "model.pretrained"),
+        ("split.test_ration", "split.test_ratio"),
+        ("train.scheduler.factr", "train.scheduler.factor"),
+    ],
+)
+def test_unknown_parameter_is_refused_with_the_nearest_valid_name(dotted: str, nearest: str) -> None:
+    tree = set_dotted(copy.deepcopy(default_params()), dotted, 3)
+    message = rf"unknown parameter '{re.escape(dotted)}' \(did you mean '{re.escape(nearest)}'\?\)"
+    with pytest.raises(PipelineError, match=message):
+        parse_params(tree)
+
+
+def test_unknown_parameter_unlike_any_gets_no_guess() -> None:
+    tree = copy.deepcopy(default_params()) | {"zzz": 1}
+    with pytest.raises(PipelineError, match=r"unknown parameter 'zzz'; remove it") as raised:
+        parse_params(tree)
+    assert "did you mean" not in str(raised.value)
+
+
+def test_params_yaml_holds_exactly_the_known_parameters() -> None:
+    def flatten(tree: dict, prefix: str = "") -> list[str]:
+        return [name for key, value in tree.items()
+                for name in (flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key])]
+
+    assert sorted(flatten(default_params())) == sorted(parameter_names())

@@ -1,6 +1,7 @@
-"""End to end, for real: dvc import from a local git repo, dvc repro, dvc exp run, dvc metrics, a fresh clone.
+"""End to end, for real: the study-data stage fetching a pinned archive, dvc repro, dvc exp run, dvc metrics.
 
-Small settings (2 runs, 1-2 epochs, 32 px, random init) on a real subset of metal-surface.
+Small settings (2 runs, 1-2 epochs, 32 px, random init) on a real subset of metal-surface, served as a
+file:// stand-in for the study's GitHub archive. The offline walk through the README is in test_offline.py.
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from stages.study_data import URL_VARIABLE
 from tests.conftest import (
     DVC,
     FRUIT,
-    METAL,
     METAL_SUBSET,
     SMALL,
     commit_all,
     copy_subset,
-    init_git,
     make_project,
     reproduce_and_commit,
     run,
     shared_dataset,
+    study_archive,
     write_params,
 )
 
@@ -33,23 +34,14 @@ RUNS = SMALL["runs"]
 
 
 @pytest.fixture(scope="module")
-def source_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A plain git repository laid out like the study's (dataset/clean, dataset/faulty), and its commit."""
-    root = tmp_path_factory.mktemp("source")
-    copy_subset(root / "dataset", shared_dataset(METAL), METAL_SUBSET)
-    init_git(root)
-    return root, commit_all(root, "dataset subset")
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, source_repo: tuple[Path, str]) -> Path:
-    """The project in a temporary git repo, its data imported with dvc import, reproduced once, committed."""
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project in a temporary git repo, pinned to a subset of the study's dataset, reproduced once, committed."""
     path = make_project(tmp_path_factory.mktemp("e2e") / "project")
     write_params(path, SMALL)
-    source, commit = source_repo
-    run([*DVC, "import", str(source), "dataset", "-o", "data/raw", "--rev", commit], path)
-    commit_all(path, "project with imported data")
-    reproduce_and_commit(path)
+    url, manifest = study_archive(tmp_path_factory.mktemp("archive"), METAL_SUBSET)
+    (path / "data" / "study-dataset.sha256").write_text(manifest)
+    commit_all(path, "project pinned to a dataset subset")
+    reproduce_and_commit(path, {URL_VARIABLE: url})
     return path
 
 
@@ -118,11 +110,13 @@ def test_second_repro_has_nothing_to_do(project: Path) -> None:
     assert "Running stage" not in result.stdout
 
 
-def test_metrics_show_prints_the_average_and_every_run(project: Path) -> None:
-    shown = run([*DVC, "metrics", "show"], project).stdout
-    for expected in ("metrics/summary.json", "test_accuracy.mean", "test_recall.std",
-                     "metrics/runs/run-0.json", "metrics/runs/run-1.json", "test_balanced_accuracy"):
-        assert expected in shown
+def test_metrics_show_prints_the_headline_in_a_narrow_table(project: Path) -> None:
+    shown = run([*DVC, "metrics", "show"], project, env={"COLUMNS": "160"}).stdout
+    assert shown.split()[:7] == ["Path", "accuracy", "balanced_accuracy", "f1", "precision", "recall", "roc_auc"]
+    assert "metrics/headline.json" in shown and "metrics/runs/" not in shown
+    assert max(len(line) for line in shown.splitlines()) <= 160
+    summary, headline = (read_json(project / "metrics" / name) for name in ("summary.json", "headline.json"))
+    assert headline["recall"] == pytest.approx(summary["test_recall"]["mean"], abs=1e-4)
 
 
 PLOT_NAMES = ("Confusion matrix, test images of all runs", "Validation loss per epoch", "Training loss per epoch",
@@ -161,7 +155,7 @@ def test_plots_show_renders_every_declared_plot_over_all_runs(project: Path) -> 
 def test_report_holds_summary_runs_curves_and_misclassified_images(project: Path) -> None:
     report = (project / "metrics" / "report.html").read_text()
     for heading in ("Summary over runs", "study (reference)", "95.43 %", "Mean confusion matrix", "Curves",
-                    "Misclassified test images"):
+                    "Misclassified test images"):  # the study's own figures: this project runs on its dataset
         assert heading in report
     assert report.count("<figure>") == misclassified_total(project)
     assert report.count('src="data:image/png;base64,') == 4
@@ -196,14 +190,25 @@ def test_predict_agrees_with_evaluate_on_the_same_images(project: Path, tmp_path
     assert scored["faulty_probability"].astype(float).to_numpy() == pytest.approx(evaluated["score"].to_numpy(), abs=2e-6)
     assert (scored["label"] == evaluated["predicted"].map({0: "clean", 1: "faulty"})).all()
     assert "faulty_probability" in result.stdout and "clean" in result.stdout
+    assert predicted.loc[predicted.index[-1], "label"] == "skipped"
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_export_matches_pytorch(project: Path, fmt: str) -> None:
+def test_predict_writes_no_file_unless_asked_and_refuses_an_unknown_run(project: Path) -> None:
+    before = set(project.iterdir())
+    image = str(project / "data" / "raw" / "clean" / METAL_SUBSET["clean"][0])
+    result = run([sys.executable, "-m", "stages.predict", image], project)
+    assert "faulty_probability" in result.stdout and set(project.iterdir()) == before
+    refused = run([sys.executable, "-m", "stages.predict", "--run", "7", image], project, check=False)
+    assert refused.returncode == 1
+    assert "--run 7 is not one of params.yaml 'runs' [0, 1]" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_export_matches_pytorch_and_prints_only_the_result(project: Path, fmt: str) -> None:
     result = run([sys.executable, "-m", "stages.export", "--run", "0", "--format", fmt], project)
-    suffix = "pt" if fmt == "torchscript" else "onnx"
-    assert (project / "data" / "exports" / "run-0" / f"model.{suffix}").stat().st_size > 1_000_000
+    assert (project / "data" / "exports" / "run-0" / f"model.{fmt}").stat().st_size > 1_000_000
     assert "match PyTorch within 1.0e-04" in result.stderr
+    assert len((result.stdout + result.stderr).strip().splitlines()) == 1, result.stdout + result.stderr
 
 
 def test_heatmaps_have_the_image_size_and_differ(project: Path) -> None:
@@ -225,20 +230,19 @@ def test_exp_run_with_another_seed_reruns_seeded_stages_and_metrics_diff_shows_i
     result = run([*DVC, "exp", "run", "-S", "seed=3"], project)
     for stage in ("prepare-split@0", "train@1", "evaluate@0", "aggregate"):
         assert f"Running stage '{stage}'" in result.stdout
-    assert "'data/raw.dvc' didn't change, skipping" in result.stdout
+    assert "Stage 'study-data' didn't change, skipping" in result.stdout
     assert "Stage 'features' didn't change, skipping" in result.stdout
     assert (project / "data" / "runs" / "run-0" / "split" / "test.csv").read_text() != before
 
     diff = json.loads(run([*DVC, "metrics", "diff", "--all", "--json"], project).stdout)
-    summary = diff["metrics/summary.json"]
-    for key in ("test_accuracy.mean", "test_precision.mean", "test_recall.mean", "test_f1.mean", "train_seconds.mean"):
-        assert set(summary[key]) >= {"old", "new"}
-    assert summary["train_seconds.mean"]["old"] != summary["train_seconds.mean"]["new"]
-    table = run([*DVC, "metrics", "diff"], project).stdout
-    assert "train_seconds.mean" in table and "Change" in table
+    assert set(diff) == {"metrics/headline.json"}
+    for key in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc"):
+        assert set(diff["metrics/headline.json"][key]) >= {"old", "new"}
+    table = run([*DVC, "metrics", "diff", "--all"], project).stdout
+    assert "Change" in table and "accuracy" in table and len(table.splitlines()) <= 20
 
     experiments = run([*DVC, "exp", "show", "--csv"], project).stdout
-    assert "test_accuracy.mean" in experiments.splitlines()[0] and "seed" in experiments.splitlines()[0]
+    assert "accuracy" in experiments.splitlines()[0] and "seed" in experiments.splitlines()[0]
 
     plots = json.loads(run([*DVC, "plots", "diff", "HEAD", "--json"], project).stdout)["data"]
     for name in PLOT_NAMES:
@@ -255,12 +259,6 @@ def test_own_data_through_one_parameter(project: Path, tmp_path: Path) -> None:
     assert predictions["path"].str.startswith(("fresh/", "rotten/")).all()
     assert set(predictions.loc[predictions["path"].str.startswith("rotten/"), "label"]) == {1}
     assert read_json(project / "metrics" / "summary.json")["runs"] == len(RUNS)
-
-
-def test_fresh_clone_runs_with_repro_pull(project: Path, tmp_path: Path) -> None:
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
-    result = run([*DVC, "repro", "--pull"], clone)
-    assert "Running stage 'aggregate'" in result.stdout
-    assert len(list((clone / "data" / "raw" / "clean").iterdir())) == len(METAL_SUBSET["clean"])
-    assert read_json(clone / "metrics" / "summary.json")["runs"] == len(RUNS)
+    report = (project / "metrics" / "report.html").read_text()
+    assert "study (reference)" not in report and "95.43" not in report  # the study's figures belong to its own data
+    assert "not fetched" in (project / "data" / "raw" / "README.txt").read_text().lower()

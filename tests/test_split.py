@@ -74,7 +74,8 @@ def make_images(folder: Path, count: int, start: int = 0) -> None:
 
 
 def test_missing_data_folder_is_named(tmp_path: Path) -> None:
-    with pytest.raises(PipelineError, match=r"data folder .*nowhere does not exist.*data\.dir"):
+    message = r"data folder .*nowhere \(params.yaml 'data\.dir'\) does not exist.*dvc exp run -S data\.dir="
+    with pytest.raises(PipelineError, match=message):
         scan_dataset(tmp_path / "nowhere", "clean", "faulty")
 
 

@@ -1,0 +1,1 @@
+"""anomaly-pipeline: the library the DVC stages share."""

@@ -1,0 +1,144 @@
+"""A new user with no network: a fresh clone, the README's commands as printed, every DVC command cut off the net.
+
+The published project is pinned to the study's real dataset (data/study-dataset.sha256, GitHub at a fixed
+commit); small settings (2 runs, 1-2 epochs, 32 px, random init) keep the runs short.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from stages.common import OWN_DATA_COMMAND
+from tests.conftest import (
+    DVC,
+    FRUIT,
+    METAL,
+    PROJECT,
+    SMALL,
+    commit_all,
+    copy_subset,
+    make_project,
+    run,
+    run_offline,
+    shared_dataset,
+    write_params,
+)
+
+STUDY_MD5 = "7da4d3bb8b857a3af485de4d7a74fc3a.dir"  # DVC's md5 of the study's 700 images (data/raw)
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def readme_command(start: str) -> str:
+    """The README's first command line that starts with ``start``, without its trailing comment."""
+    for line in (PROJECT / "README.md").read_text().splitlines():
+        if line.startswith(start):
+            return line.split("  #")[0].strip()
+    raise AssertionError(f"README.md has no command starting with {start!r}")
+
+
+def dvc_offline(command: str, cwd: Path, check: bool = True, env_columns: bool = False):
+    """A README command line (``dvc ...``) run through this interpreter's DVC with the network cut."""
+    words = shlex.split(command)
+    assert words[0] == "dvc"
+    prefix = ["env", "COLUMNS=160"] if env_columns else []
+    return run_offline([*prefix, *DVC, *words[1:]], cwd, check)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project as a user finds it: pinned to the study's dataset, nothing fetched or computed yet."""
+    path = make_project(tmp_path_factory.mktemp("published") / "project")
+    write_params(path, SMALL)
+    commit_all(path, "published")
+    return path
+
+
+@pytest.fixture
+def clone(published: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "clone"
+    run(["git", "clone", "-q", str(published), str(target)], tmp_path)
+    return target
+
+
+def test_repro_without_network_ends_in_one_clear_message(clone: Path) -> None:
+    for command in ("dvc repro --pull", "dvc repro"):
+        result = dvc_offline(command, clone, check=False)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0
+        for expected in ("github.com/mhkt19/AnomalyDetection at commit 13887447", "the network is unreachable",
+                         OWN_DATA_COMMAND, "data/study-dataset/", "Two ways on"):
+            assert expected in output, output
+        assert "Traceback" not in output and "Running stage 'prepare-split" not in output
+
+
+def test_a_local_copy_of_the_study_dataset_is_checked_and_gives_the_pinned_md5(clone: Path) -> None:
+    copy = clone / "data" / "study-dataset"
+    shutil.copytree(shared_dataset(METAL), copy, ignore=shutil.ignore_patterns("README.md", "SHA256SUMS"))
+    victim = copy / "faulty" / "crazing_1.jpg"
+    original = victim.read_bytes()
+    victim.write_bytes(original[:-10])
+    refused = run_offline([*DVC, "repro", "study-data"], clone, check=False)
+    assert refused.returncode != 0 and "faulty/crazing_1.jpg" in refused.stderr and "1 different" in refused.stderr
+    victim.write_bytes(original)
+    run_offline([*DVC, "repro", "study-data"], clone)
+    lock = (clone / "dvc.lock").read_text()
+    assert STUDY_MD5 in lock and "nfiles: 700" in lock
+    assert len(list((clone / "data" / "raw" / "faulty").iterdir())) == 600
+
+
+def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -> None:
+    fruit = shared_dataset(FRUIT)
+    subset = {cls: sorted(p.name for p in (fruit / cls).iterdir())[:10] for cls in ("fresh", "rotten")}
+    images = copy_subset(tmp_path / "my-images", fruit, subset)
+    own_data = readme_command("dvc exp run -S data.dir=").replace("/path/to/images", str(images))
+    first = dvc_offline(own_data, clone)
+    assert "Running stage 'check-params'" in first.stdout and "Running stage 'aggregate'" in first.stdout
+    assert "not fetched" in (clone / "data" / "raw" / "README.txt").read_text().lower()
+    second = dvc_offline(readme_command("dvc exp run -S seed=3"), clone)
+    assert "Running stage 'prepare-split@0'" in second.stdout
+    assert "Data and pipelines are up to date." in dvc_offline("dvc repro", clone).stdout
+
+    shown = dvc_offline(readme_command("dvc exp show --no-pager --only-changed"), clone, env_columns=True).stdout
+    header = next(line for line in shown.splitlines() if "Experiment" in line)
+    for column in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc", "seed"):
+        assert re.search(rf"\b{re.escape(column)}\b", header), shown
+    assert max(len(line) for line in shown.splitlines()) <= 160
+
+    experiments = json.loads(dvc_offline("dvc exp show --json", clone).stdout)
+    names = [exp["name"] for baseline in experiments for exp in baseline.get("experiments") or []]
+    assert len(names) == 2
+    dvc_offline(f"dvc exp apply {names[-1]}", clone)
+    diff = dvc_offline("dvc metrics diff", clone).stdout
+    assert "metrics/headline.json" in diff and len(diff.splitlines()) <= 20
+
+    dvc_offline("dvc plots show", clone)
+    page = clone / "dvc_plots" / "index.html"
+    assert "cdn.jsdelivr" not in page.read_text()
+    if shutil.which("chromium"):
+        dom = run_offline(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                           "--virtual-time-budget=5000", "--dump-dom", page.as_uri()], tmp_path).stdout
+        assert dom.count('class="marks"') == 5, dom[-2000:]  # every chart drawn (vega's canvas)
+
+    predicted = run_offline([sys.executable, "-m", "stages.predict", str(images / "rotten")], clone)
+    assert predicted.stdout.count("rotten/") == len(subset["rotten"])
+    run_offline([sys.executable, "-m", "stages.export", "--run", "0", "--format", "onnx"], clone)
+
+
+def test_mistakes_stop_the_first_stage_with_the_projects_message(clone: Path, tmp_path: Path) -> None:
+    typo = run_offline([*DVC, "exp", "run", "-S", "+train.epochs=3"], clone, check=False)
+    assert typo.returncode != 0
+    assert "unknown parameter 'train.epochs' (did you mean 'train.max_epochs'?)" in typo.stderr
+    assert "Running stage 'check-params'" in typo.stdout and "Running stage 'train" not in typo.stdout
+    run(["git", "checkout", "--", "params.yaml"], clone)  # a failed experiment leaves its parameters in place
+    missing = run_offline([*DVC, "exp", "run", "-S", f"data.dir={tmp_path / 'nowhere'}"], clone, check=False)
+    assert missing.returncode != 0
+    assert "nowhere (params.yaml 'data.dir') does not exist" in missing.stderr and OWN_DATA_COMMAND in missing.stderr
+    assert "Errno" not in missing.stderr
