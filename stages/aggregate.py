@@ -13,7 +13,6 @@ import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from stages.common import (
-    STUDY_DATA_DIR,
     Params,
     PipelineError,
     RunPaths,
@@ -137,7 +136,7 @@ def main() -> None:
     write_csv_atomic(PLOTS_DIR / "precision_recall.csv", precision_recall.round(6))
     write_text_atomic(REPORT_FILE, render_report(summary, table, history, roc, precision_recall, misclassified,
                                                  params.data.dir, class_names,
-                                                 study_dataset=params.data.dir == STUDY_DATA_DIR))
+                                                 study_dataset=params.data.is_study_dataset))
     log.info("summary over runs %s (report: %s):\n%s", list(params.runs), REPORT_FILE, format_summary(summary))
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 
-from stages.common import STUDY_DATA_DIR, class_dirs, load_params, main_guard
+from stages.common import class_dirs, load_params, main_guard
 
 log = logging.getLogger("anomaly_pipeline.check_params")
 
 
 def main() -> None:
     params = load_params()
-    if params.data.dir == STUDY_DATA_DIR:
+    if params.data.is_study_dataset:
         log.info("params.yaml is valid; data: the study's dataset (fetched by the study-data stage)")
         return
     class_dirs(params.data.dir, params.data.negative_class, params.data.positive_class)

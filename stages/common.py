@@ -61,6 +61,11 @@ class DataParams:
     positive_class: str
     strict: bool
 
+    @property
+    def is_study_dataset(self) -> bool:
+        """Whether 'data.dir' is the study's own dataset, which the study-data stage fetches."""
+        return self.dir == STUDY_DATA_DIR
+
 
 @dataclass(frozen=True)
 class SplitParams:
@@ -151,10 +156,9 @@ def _given_names(tree: dict[str, Any], sections: set[str], prefix: str = "") -> 
 def _reject_unknown(tree: dict[str, Any]) -> None:
     """PipelineError for the first key of ``tree`` that is no parameter, naming the nearest valid one."""
     valid = parameter_names()
-    sections = {name.rsplit(".", 1)[0] for name in valid if "." in name}
-    sections |= {name.rsplit(".", 1)[0] for name in sections if "." in name}
+    sections = {name.rsplit(".", depth)[0] for name in valid for depth in range(1, name.count(".") + 1)}
     for name in _given_names(tree, sections):
-        if name in valid:
+        if name in valid or name in sections:  # a section that is not a mapping: the type checks name its keys
             continue
         scored = sorted((-difflib.SequenceMatcher(None, name, candidate).ratio(), candidate) for candidate in valid)
         hint = f" (did you mean '{scored[0][1]}'?)" if -scored[0][0] >= 0.6 else ""
@@ -335,9 +339,13 @@ def run_arg(description: str, params: Params) -> int:
     """Parse the ``--run N`` argument every per-run stage takes, checked against params.runs."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--run", type=int, required=True, help="run index, one of params.yaml 'runs'")
-    run = parser.parse_args().run
+    return check_run(parser.parse_args().run, params)
+
+
+def check_run(run: int, params: Params) -> int:
+    """``run`` if params.yaml lists it in 'runs', else PipelineError naming the runs there are."""
     if run not in params.runs:
-        raise PipelineError(f"--run {run} is not listed in params.yaml 'runs' {list(params.runs)}")
+        raise PipelineError(f"--run {run} is not one of params.yaml 'runs' {list(params.runs)}: choose one of those")
     return run
 
 

@@ -22,6 +22,7 @@ import torch
 from stages.common import (
     PipelineError,
     RunPaths,
+    check_run,
     load_params,
     main_guard,
     read_manifest,
@@ -32,18 +33,19 @@ log = logging.getLogger("anomaly_pipeline.export")
 TOLERANCE = 1e-4  # largest allowed difference of a faulty probability
 SAMPLES = 8
 EXPORTS_DIR = Path("data/exports")
-SUFFIXES = {"pt2": "pt2", "onnx": "onnx"}
+FORMATS = ("pt2", "onnx")  # also the exported file's suffix
 
 
 def export_model(network: torch.nn.Module, example: torch.Tensor, fmt: str, output: Path) -> None:
     """Write ``network`` (CPU, eval mode) as a torch.export program or ONNX (batch dimension dynamic)."""
     output.parent.mkdir(parents=True, exist_ok=True)
+    batch_dynamic = {"x": {0: torch.export.Dim("batch")}}
     if fmt == "pt2":
-        program = torch.export.export(network, (example,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+        program = torch.export.export(network, (example,), dynamic_shapes=batch_dynamic)
         torch.export.save(program, output)
     else:
         torch.onnx.export(network, (example,), str(output), input_names=["image"], output_names=["logits"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
+                          dynamic_shapes=batch_dynamic, dynamo=True,
                           external_data=False)
 
 
@@ -66,15 +68,13 @@ def main() -> None:
     params = load_params()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=int, required=True, help="run whose model to export")
-    parser.add_argument("--format", choices=tuple(SUFFIXES), required=True,
+    parser.add_argument("--format", choices=FORMATS, required=True,
                         help="pt2: torch.export program (torch.export.load); onnx: ONNX (onnxruntime and others)")
     parser.add_argument("--output", type=Path, help="file to write (default: data/exports/run-N/model.pt2|onnx)")
     parser.add_argument("--verbose", action="store_true", help="show the exporter's own progress messages")
     args = parser.parse_args()
-    if args.run not in params.runs:
-        raise PipelineError(f"--run {args.run} is not one of params.yaml 'runs' {list(params.runs)}")
-    paths = RunPaths(args.run)
-    output = args.output or EXPORTS_DIR / f"run-{args.run}" / f"model.{SUFFIXES[args.format]}"
+    paths = RunPaths(check_run(args.run, params))
+    output = args.output or EXPORTS_DIR / f"run-{args.run}" / f"model.{args.format}"
     cpu = torch.device("cpu")
     trained = load_trained_model(paths.model_file, cpu)
     network = trained.network.to(memory_format=torch.contiguous_format)

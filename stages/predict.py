@@ -19,6 +19,7 @@ import torch
 from stages.common import (
     PipelineError,
     RunPaths,
+    check_run,
     list_folder,
     load_params,
     main_guard,
@@ -94,10 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.threshold < 1:
         raise PipelineError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
-    if args.run is not None and args.run not in params.runs:
-        raise PipelineError(f"--run {args.run} is not one of params.yaml 'runs' {list(params.runs)}: "
-                            f"choose one of those (or leave --run out for the best one)")
-    run = best_run(params.runs) if args.run is None else args.run
+    run = best_run(params.runs) if args.run is None else check_run(args.run, params)
     images = collect_images(args.targets)
     if not images:
         raise PipelineError(f"no image files found in {', '.join(map(str, args.targets))}")

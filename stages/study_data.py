@@ -41,7 +41,7 @@ URL_VARIABLE = "ANOMALY_STUDY_DATASET_URL"
 TIMEOUT_SECONDS = 30
 
 
-def read_manifest(path: Path = MANIFEST) -> dict[str, str]:
+def read_checksums(path: Path = MANIFEST) -> dict[str, str]:
     """relative path -> sha256 of every file of the pinned dataset (``sha256sum`` format)."""
     if not path.is_file():
         raise PipelineError(f"{path} is missing: it pins the study's dataset; restore it with 'git checkout {path}'")
@@ -98,13 +98,13 @@ def copy_checked(source: Path, manifest: dict[str, str], destination: Path) -> N
 def main() -> None:
     params = load_params()
     with atomic_dir(STUDY_DATA_DIR) as out:
-        if params.data.dir != STUDY_DATA_DIR:
+        if not params.data.is_study_dataset:
             write_text_atomic(out / "README.txt",
                               f"Not fetched: params.yaml 'data.dir' is {params.data.dir}, not {STUDY_DATA_DIR}.\n"
                               f"Set it back to {STUDY_DATA_DIR} and run 'dvc repro' to fetch the study's dataset.\n")
             log.info("data.dir is %s: the study's dataset is not needed, nothing fetched", params.data.dir)
             return
-        manifest = read_manifest()
+        manifest = read_checksums()
         if LOCAL_COPY.is_dir():
             log.info("using the local copy %s", LOCAL_COPY)
             copy_checked(LOCAL_COPY, manifest, out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
 import subprocess
@@ -15,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stages.common import sha256_file
+
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ANOMALY_SHARED_DIR", PROJECT.parent / "shared"))
 METAL = SHARED / "datasets" / "metal-surface"
@@ -23,6 +24,9 @@ DVC = (sys.executable, "-m", "dvc")
 PROJECT_FILES = ("stages", "anomaly_pipeline", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/.gitignore",
                  "data/study-dataset.sha256")
 DVC_FILES = (".dvc/config", ".dvc/plots", ".dvc/plots_page.html")  # copied over what 'dvc init' writes
+# Headless Chromium as root with no network: no sandbox, no background requests to Google's hosts.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 # A small real subset of metal-surface, chosen to hold byte-identical copies
 # ("clean - (1).jpg" = "clean - (2).jpg"; pitted_surface images come in groups of 4).
@@ -173,10 +177,11 @@ def network_cut() -> tuple[tuple[str, ...], dict[str, str]]:
     return (), {name: closed for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")}
 
 
-def run_offline(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def run_offline(command: list[str], cwd: Path, env: dict[str, str] | None = None,
+                check: bool = True) -> subprocess.CompletedProcess:
     """``run`` with the network cut for the command."""
-    prefix, env = network_cut()
-    return run([*prefix, *command], cwd, env, check)
+    prefix, cut = network_cut()
+    return run([*prefix, *command], cwd, {**cut, **(env or {})}, check)
 
 
 def study_archive(destination: Path, subset: dict[str, list[str]]) -> tuple[str, str]:
@@ -186,6 +191,6 @@ def study_archive(destination: Path, subset: dict[str, list[str]]) -> tuple[str,
     archive = destination / "archive.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root.parent, arcname=root.parent.name)
-    lines = sorted(f"{hashlib.sha256((root / cls / name).read_bytes()).hexdigest()}  {cls}/{name}"
+    lines = sorted(f"{sha256_file(root / cls / name)}  {cls}/{name}"
                    for cls, names in subset.items() for name in names)
     return archive.as_uri(), "\n".join(lines) + "\n"

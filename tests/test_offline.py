@@ -17,6 +17,7 @@ import pytest
 
 from stages.common import OWN_DATA_COMMAND
 from tests.conftest import (
+    CHROMIUM_FLAGS,
     DVC,
     FRUIT,
     METAL,
@@ -32,8 +33,6 @@ from tests.conftest import (
 )
 
 STUDY_MD5 = "7da4d3bb8b857a3af485de4d7a74fc3a.dir"  # DVC's md5 of the study's 700 images (data/raw)
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 
 def readme_command(start: str) -> str:
@@ -44,12 +43,11 @@ def readme_command(start: str) -> str:
     raise AssertionError(f"README.md has no command starting with {start!r}")
 
 
-def dvc_offline(command: str, cwd: Path, check: bool = True, env_columns: bool = False):
+def dvc_offline(command: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True):
     """A README command line (``dvc ...``) run through this interpreter's DVC with the network cut."""
     words = shlex.split(command)
     assert words[0] == "dvc"
-    prefix = ["env", "COLUMNS=160"] if env_columns else []
-    return run_offline([*prefix, *DVC, *words[1:]], cwd, check)
+    return run_offline([*DVC, *words[1:]], cwd, env, check)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +104,7 @@ def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -
     assert "Running stage 'prepare-split@0'" in second.stdout
     assert "Data and pipelines are up to date." in dvc_offline("dvc repro", clone).stdout
 
-    shown = dvc_offline(readme_command("dvc exp show --no-pager --only-changed"), clone, env_columns=True).stdout
+    shown = dvc_offline(readme_command("dvc exp show --no-pager --only-changed"), clone, {"COLUMNS": "160"}).stdout
     header = next(line for line in shown.splitlines() if "Experiment" in line)
     for column in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc", "seed"):
         assert re.search(rf"\b{re.escape(column)}\b", header), shown

@@ -101,3 +101,9 @@ def test_params_yaml_holds_exactly_the_known_parameters() -> None:
                 for name in (flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key])]
 
     assert sorted(flatten(default_params())) == sorted(parameter_names())
+
+
+def test_a_section_that_is_not_a_mapping_is_named_by_its_first_key() -> None:
+    tree = copy.deepcopy(default_params()) | {"train": 5}
+    with pytest.raises(PipelineError, match=r"missing parameter 'train\.batch_size'"):
+        parse_params(tree)

@@ -16,6 +16,7 @@ import pytest
 
 from stages.study_data import URL_VARIABLE
 from tests.conftest import (
+    CHROMIUM_FLAGS,
     DVC,
     FRUIT,
     METAL_SUBSET,
@@ -121,8 +122,6 @@ def test_metrics_show_prints_the_headline_in_a_narrow_table(project: Path) -> No
 
 PLOT_NAMES = ("Confusion matrix, test images of all runs", "Validation loss per epoch", "Training loss per epoch",
               "ROC curve per run", "Precision-recall curve per run")
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 
 def misclassified_total(project: Path) -> int:
