@@ -38,7 +38,7 @@ PLOTS_DIR = Path("metrics/plots")
 HEADLINE_METRICS = {"accuracy": "test_accuracy", "balanced_accuracy": "test_balanced_accuracy",
                     "precision": "test_precision", "recall": "test_recall", "f1": "test_f1", "roc_auc": "test_roc_auc"}
 CONSOLE_ROWS = ("test_accuracy", "test_balanced_accuracy", "test_precision", "test_recall", "test_f1",
-            "train_accuracy", "run_seconds", "train_peak_rss_mb")
+                "test_average_precision", "threshold", "train_accuracy", "run_seconds", "train_peak_rss_mb")
 
 
 def runs_table(runs: tuple[int, ...]) -> pd.DataFrame:

@@ -43,6 +43,14 @@ ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
 DEVICES = ("auto", "cpu", "cuda")
 # train.finetune: which part of the network trains. Everything before that part is frozen.
 FINETUNE_MODES = ("all", "layer4", "head")
+# model.resize: how an image becomes image_size x image_size.
+RESIZE_MODES = ("squash", "pad")
+# train.class_balance: how training counters a class imbalance.
+CLASS_BALANCE_MODES = ("none", "weighted_loss", "sampler")
+# train.augment: training-only random changes of each image (torchvision.transforms.v2).
+AUGMENTATIONS = ("flip", "rotate90", "affine", "color")
+# evaluate.threshold, when a rule instead of a number: computed on each run's validation images.
+THRESHOLD_RULES = ("max_balanced_accuracy", "target_recall")
 
 log = logging.getLogger("anomaly_pipeline")
 
@@ -80,6 +88,7 @@ class ModelParams:
     arch: str
     pretrained: bool
     image_size: int
+    resize: str = "squash"
 
 
 @dataclass(frozen=True)
@@ -98,12 +107,15 @@ class TrainParams:
     scheduler: SchedulerParams
     finetune: str = "all"
     amp: bool = False
+    class_balance: str = "none"
+    augment: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int
-    threshold: float
+    threshold: float | str
+    target_recall: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -165,6 +177,11 @@ def _reject_unknown(tree: dict[str, Any]) -> None:
         raise PipelineError(f"params.yaml: unknown parameter '{name}'{hint}; remove it or correct its name")
 
 
+def _threshold(value: int | float | str) -> float | str:
+    """evaluate.threshold: a number as float, a rule name as it is."""
+    return value if isinstance(value, str) else float(value)
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise PipelineError(f"params.yaml: {message}")
@@ -200,6 +217,7 @@ def parse_params(tree: dict[str, Any]) -> Params:
             arch=_get(tree, "model.arch", str),
             pretrained=_get(tree, "model.pretrained", bool),
             image_size=_get(tree, "model.image_size", int),
+            resize=_get(tree, "model.resize", str),
         ),
         train=TrainParams(
             batch_size=_get(tree, "train.batch_size", int),
@@ -213,9 +231,12 @@ def parse_params(tree: dict[str, Any]) -> Params:
             ),
             finetune=_get(tree, "train.finetune", str),
             amp=_get(tree, "train.amp", bool),
+            class_balance=_get(tree, "train.class_balance", str),
+            augment=tuple(_get(tree, "train.augment", list)),
         ),
         evaluate=EvaluateParams(batch_size=_get(tree, "evaluate.batch_size", int),
-                                threshold=float(_get(tree, "evaluate.threshold", number))),
+                                threshold=_threshold(_get(tree, "evaluate.threshold", (int, float, str))),
+                                target_recall=float(_get(tree, "evaluate.target_recall", number))),
         device=_get(tree, "device", str),
     )
     _require(params.data.negative_class != params.data.positive_class,
@@ -237,8 +258,23 @@ def parse_params(tree: dict[str, Any]) -> Params:
     _require(params.train.batch_size >= 1, f"'train.batch_size' must be >= 1, got {params.train.batch_size}")
     _require(params.evaluate.batch_size >= 1,
              f"'evaluate.batch_size' must be >= 1, got {params.evaluate.batch_size}")
-    _require(0 < params.evaluate.threshold < 1,
-             f"'evaluate.threshold' must lie strictly between 0 and 1, got {params.evaluate.threshold}")
+    threshold = params.evaluate.threshold
+    _require(threshold in THRESHOLD_RULES if isinstance(threshold, str) else 0 < threshold < 1,
+             f"'evaluate.threshold' must be a number strictly between 0 and 1 or one of {', '.join(THRESHOLD_RULES)}, "
+             f"got {threshold!r}")
+    _require(0 < params.evaluate.target_recall <= 1,
+             f"'evaluate.target_recall' must lie in (0, 1], got {params.evaluate.target_recall}")
+    _require(params.model.resize in RESIZE_MODES,
+             f"'model.resize' must be one of {', '.join(RESIZE_MODES)}, got {params.model.resize!r}")
+    _require(params.train.class_balance in CLASS_BALANCE_MODES,
+             f"'train.class_balance' must be one of {', '.join(CLASS_BALANCE_MODES)}, got {params.train.class_balance!r}")
+    _require(not params.train.augment or params.train.finetune == "all",
+             f"'train.augment' needs 'train.finetune: all': with {params.train.finetune!r} the frozen layers' "
+             f"output is computed once per image and cannot change from epoch to epoch")
+    unknown = [name for name in params.train.augment if name not in AUGMENTATIONS]
+    _require(not unknown and len(set(params.train.augment)) == len(params.train.augment),
+             f"'train.augment' must list distinct names out of {', '.join(AUGMENTATIONS)} ([] for none), "
+             f"got {list(params.train.augment)!r}")
     _require(params.train.lr > 0, f"'train.lr' must be > 0, got {params.train.lr}")
     _require(params.train.min_epochs >= 1, f"'train.min_epochs' must be >= 1, got {params.train.min_epochs}")
     _require(params.train.min_epochs <= params.train.max_epochs,

@@ -42,6 +42,7 @@ from stages.common import (
     write_json_atomic,
 )
 from stages.explain import grad_cam, overlay
+from stages.thresholds import choose_threshold, operating_points
 from stages.network import (
     FEATURES_FILE,
     TrainedModel,
@@ -59,7 +60,8 @@ log = logging.getLogger("anomaly_pipeline.evaluate")
 
 
 def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
-    """Binary metrics (positive class = 1 = faulty) from true labels and positive-class probabilities."""
+    """Binary metrics (positive class = 1 = faulty) from true labels and positive-class probabilities: at the
+    threshold, then the operating points that do not depend on it."""
     predicted = (scores >= threshold).astype(int)
     tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
     both_classes = len(np.unique(labels)) == 2
@@ -71,6 +73,7 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: fl
         "f1": f1_score(labels, predicted, pos_label=1, zero_division=0),
         "specificity": recall_score(labels, predicted, pos_label=0, zero_division=0),
         "roc_auc": roc_auc_score(labels, scores) if both_classes else None,
+        **operating_points(labels, scores),
         "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
     }
 
@@ -81,7 +84,8 @@ def scorer(params: Params, trained: TrainedModel, device: torch.device) -> Calla
     batch_size = params.evaluate.batch_size
     if trained.finetune == "all":
         return lambda manifest: predict_scores(
-            trained.network, load_images(params.data.dir, manifest["path"].tolist(), trained.image_size),
+            trained.network, load_images(params.data.dir, manifest["path"].tolist(), trained.image_size,
+                                             trained.resize),
             batch_size, device)
     cache = load_feature_cache(params.model, trained.finetune)
     if cache.identity["backbone_sha256"] != trained.backbone_sha256:
@@ -100,9 +104,15 @@ def main() -> None:
     started = time.perf_counter()
     trained = load_trained_model(paths.model_file, device)
     model, size = trained.network, trained.image_size
-    threshold = params.evaluate.threshold
     score = scorer(params, trained, device)
     train_manifest, test_manifest = read_manifest(paths.manifest("train")), read_manifest(paths.manifest("test"))
+    threshold = params.evaluate.threshold
+    if isinstance(threshold, str):
+        val_manifest = read_manifest(paths.manifest("val"))
+        threshold = choose_threshold(threshold, val_manifest["label"].to_numpy(), score(val_manifest),
+                                     params.evaluate.target_recall)
+        log.info("run %d: threshold %.4f (%s on %d validation images)", run, threshold, params.evaluate.threshold,
+                 len(val_manifest))
     train_scores, test_scores = score(train_manifest), score(test_manifest)
     test = classification_metrics(test_manifest["label"].to_numpy(), test_scores, threshold)
     train_accuracy = accuracy_score(train_manifest["label"], (train_scores >= threshold).astype(int))
@@ -118,7 +128,8 @@ def main() -> None:
             row = predictions.iloc[position]
             copy = misclassified_copy(out, row.path, row.label)
             shutil.copy2(params.data.dir / row.path, copy)
-            cam = grad_cam(model, load_image(params.data.dir / row.path, size), int(row.predicted), device)
+            image = load_image(params.data.dir / row.path, size, trained.resize)
+            cam = grad_cam(model, image, int(row.predicted), device)
             overlay(copy, cam).save(heatmap_path(copy))
     evaluate_seconds = time.perf_counter() - started
     train_summary = read_json(paths.train_summary_file)
@@ -128,6 +139,7 @@ def main() -> None:
         **{f"test_{name}": value for name, value in test.items() if name != "confusion_matrix"},
         "confusion_matrix": test["confusion_matrix"],
         "test_images": len(test_manifest),
+        "threshold": threshold,
         **{key: value for key, value in train_summary.items() if key not in ("weights", "device")},
         "evaluate_seconds": round(evaluate_seconds, 2),
         "evaluate_peak_rss_mb": round(peak_rss_mb(), 1),
@@ -136,9 +148,9 @@ def main() -> None:
     metrics = {key: round(value, 6) if isinstance(value, float) else value for key, value in metrics.items()}
     write_json_atomic(paths.metrics_file, metrics)
     cm = test["confusion_matrix"]
-    log.info("run %d: test accuracy %.4f, balanced %.4f, precision %.4f, recall %.4f (TN %d FP %d FN %d TP %d)",
-             run, test["accuracy"], test["balanced_accuracy"] or float("nan"), test["precision"], test["recall"],
-             cm["tn"], cm["fp"], cm["fn"], cm["tp"])
+    log.info("run %d: test accuracy %.4f, balanced %.4f, precision %.4f, recall %.4f (TN %d FP %d FN %d TP %d) "
+             "at threshold %.4f", run, test["accuracy"], test["balanced_accuracy"] or float("nan"), test["precision"],
+             test["recall"], cm["tn"], cm["fp"], cm["fn"], cm["tp"], threshold)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ def main() -> None:
     trained = load_trained_model(paths.model_file, cpu)
     network = trained.network.to(memory_format=torch.contiguous_format)
     test = read_manifest(paths.manifest("test"))
-    samples = load_images(params.data.dir, test["path"].head(SAMPLES).tolist(), trained.image_size)
+    samples = load_images(params.data.dir, test["path"].head(SAMPLES).tolist(), trained.image_size,
+                          trained.resize)
     inputs = normalize(samples, cpu).contiguous()
     with contextlib.ExitStack() as quiet:
         if not args.verbose:

@@ -77,7 +77,8 @@ def extract(frozen: torch.nn.Module, params: Params, images: dict[str, str],
 
     for digest, relative in tqdm(images.items(), desc="features", unit="img", leave=False, disable=None):
         try:
-            pending.append((digest, load_image(params.data.dir / relative, params.model.image_size)))
+            pending.append((digest, load_image(params.data.dir / relative, params.model.image_size,
+                                                      params.model.resize)))
         except PipelineError:
             if params.data.strict:
                 raise

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from stages.common import ModelParams, PipelineError, open_rgb, weights_label
@@ -20,6 +20,7 @@ from stages.common import ModelParams, PipelineError, open_rgb, weights_label
 FEATURES_FILE = Path("data/features/features.pt")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PAD_COLOUR = tuple(round(255 * mean) for mean in IMAGENET_MEAN)
 # Seed of the frozen layers' random initialisation when model.pretrained is false (the same in every run).
 FROZEN_INIT_SEED = 0
 
@@ -41,17 +42,25 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------- images
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Decode an image, convert to RGB, resize to size x size; uint8 CHW tensor."""
-    rgb = open_rgb(path).resize((size, size), Image.Resampling.BILINEAR)
+def load_image(path: Path, size: int, resize: str = "squash") -> torch.Tensor:
+    """Decode an image, convert to RGB and bring it to size x size; uint8 CHW tensor.
+
+    ``resize`` 'squash' stretches it (the study's method); 'pad' keeps its aspect ratio and fills the short side
+    with the ImageNet mean colour (which normalises to zero).
+    """
+    image = open_rgb(path)
+    if resize == "pad":
+        rgb = ImageOps.pad(image, (size, size), Image.Resampling.BILINEAR, color=PAD_COLOUR)
+    else:
+        rgb = image.resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 
-def load_images(data_dir: Path, relative_paths: list[str], size: int) -> torch.Tensor:
+def load_images(data_dir: Path, relative_paths: list[str], size: int, resize: str = "squash") -> torch.Tensor:
     """Decode and resize every listed image once into an uint8 tensor of shape (N, 3, size, size)."""
     batch = torch.empty((len(relative_paths), 3, size, size), dtype=torch.uint8)
     for index, relative in enumerate(tqdm(relative_paths, desc="decode", unit="img", leave=False, disable=None)):
-        batch[index] = load_image(data_dir / relative, size)
+        batch[index] = load_image(data_dir / relative, size, resize)
     return batch
 
 
@@ -169,7 +178,8 @@ class FeatureCache:
 
 def feature_identity(model: ModelParams, finetune: str, backbone_sha256: str) -> dict[str, Any]:
     """What frozen features depend on; a cache made under another identity must not be used."""
-    return {"arch": model.arch, "image_size": model.image_size, "weights": weights_label(model.pretrained),
+    return {"arch": model.arch, "image_size": model.image_size, "resize": model.resize,
+            "weights": weights_label(model.pretrained),
             "backbone_sha256": backbone_sha256, "finetune": finetune}
 
 
@@ -195,6 +205,7 @@ class TrainedModel:
     image_size: int
     finetune: str
     backbone_sha256: str | None
+    resize: str = "squash"
 
 
 def load_trained_model(path: Path, device: torch.device) -> TrainedModel:
@@ -206,7 +217,7 @@ def load_trained_model(path: Path, device: torch.device) -> TrainedModel:
     network.load_state_dict(checkpoint["state_dict"])
     network.to(device, memory_format=torch.channels_last).eval()
     return TrainedModel(network, checkpoint["image_size"], checkpoint.get("finetune", "all"),
-                        checkpoint.get("backbone_sha256"))
+                        checkpoint.get("backbone_sha256"), checkpoint.get("resize", "squash"))
 
 
 # --------------------------------------------------------------------------- inference

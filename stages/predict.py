@@ -2,7 +2,8 @@
 
     python -m stages.predict IMAGE_OR_FOLDER ... [--run N] [--threshold 0.5] [--output predictions.csv]
 
-Without --run it uses the run with the lowest validation loss. Folders are searched recursively;
+Without --run it uses the run with the lowest validation loss; without --threshold, the threshold that run's
+evaluation used (evaluate.threshold, or what its rule chose on the run's validation images). Folders are searched recursively;
 files that cannot be read are reported and skipped. The table goes to the terminal; a CSV is written
 only where --output says.
 """
@@ -46,6 +47,15 @@ def best_run(runs: tuple[int, ...]) -> int:
     return min(losses, key=losses.get)
 
 
+def run_threshold(run: int) -> float:
+    """The decision threshold the run's evaluation used (a number, or what a rule chose on validation)."""
+    path = RunPaths(run).metrics_file
+    if not path.is_file():
+        raise PipelineError(f"run {run} has no metrics ({path}): run 'dvc repro' so it is evaluated, "
+                            f"or give --threshold")
+    return float(read_json(path)["threshold"])
+
+
 def collect_images(targets: list[Path]) -> list[Path]:
     """The image files named, and those found (recursively) in the folders named."""
     images: list[Path] = []
@@ -71,7 +81,7 @@ def predict(images: list[Path], run: int, threshold: float, class_names: tuple[s
     for path in images:
         row = {"path": str(path), "faulty_probability": float("nan"), "label": SKIPPED, "error": ""}
         try:
-            tensors.append(load_image(path, trained.image_size))
+            tensors.append(load_image(path, trained.image_size, trained.resize))
             readable.append(row)
         except PipelineError as error:
             log.warning("skipped: %s", error)
@@ -89,18 +99,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="+", type=Path, help="image files or folders")
     parser.add_argument("--run", type=int, help="run whose model to use (default: lowest validation loss)")
-    parser.add_argument("--threshold", type=float, default=params.evaluate.threshold,
-                        help="faulty when the probability is at least this (default: evaluate.threshold)")
+    parser.add_argument("--threshold", type=float,
+                        help="faulty when the probability is at least this (default: the run's evaluation threshold)")
     parser.add_argument("--output", type=Path, help="also write the table to this CSV file")
     args = parser.parse_args()
-    if not 0 < args.threshold < 1:
+    if args.threshold is not None and not 0 < args.threshold < 1:
         raise PipelineError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
     run = best_run(params.runs) if args.run is None else check_run(args.run, params)
+    threshold = run_threshold(run) if args.threshold is None else args.threshold
     images = collect_images(args.targets)
     if not images:
         raise PipelineError(f"no image files found in {', '.join(map(str, args.targets))}")
-    log.info("run %d's model on %d images, threshold %.2f", run, len(images), args.threshold)
-    table = predict(images, run, args.threshold, (params.data.negative_class, params.data.positive_class),
+    log.info("run %d's model on %d images, threshold %.4g", run, len(images), threshold)
+    table = predict(images, run, threshold, (params.data.negative_class, params.data.positive_class),
                     params.device, params.evaluate.batch_size)
     print(table.drop(columns="error").to_string(index=False, na_rep="-"))  # the result itself, on stdout
     skipped = int((table["label"] == SKIPPED).sum())

@@ -32,6 +32,10 @@ SUMMARY_ROWS = (
     ("test_f1", "F1 (faulty)", "pct"),
     ("test_specificity", "Specificity (clean)", "pct"),
     ("test_roc_auc", "ROC-AUC", "num"),
+    ("test_average_precision", "PR-AUC (average precision)", "num"),
+    ("test_specificity_at_recall_95", "Specificity at 95 % recall", "pct"),
+    ("test_recall_at_specificity_95", "Recall at 95 % specificity", "pct"),
+    ("threshold", "Decision threshold (faulty probability)", "num"),
     ("train_accuracy", "Train accuracy", "pct"),
     ("epochs_run", "Epochs run", "num"),
     ("best_epoch", "Best epoch", "num"),
@@ -41,7 +45,8 @@ SUMMARY_ROWS = (
 RUN_COLUMNS = {  # column of metrics/runs.csv -> (heading, format)
     "run": ("run", "int"), "test_accuracy": ("accuracy", "pct"), "test_balanced_accuracy": ("balanced", "pct"),
     "test_precision": ("precision", "pct"), "test_recall": ("recall", "pct"), "test_f1": ("F1", "pct"),
-    "test_roc_auc": ("ROC-AUC", "num"), "cm_tn": ("TN", "int"), "cm_fp": ("FP", "int"), "cm_fn": ("FN", "int"),
+    "test_roc_auc": ("ROC-AUC", "num"), "test_average_precision": ("PR-AUC", "num"),
+    "threshold": ("threshold", "num"), "cm_tn": ("TN", "int"), "cm_fp": ("FP", "int"), "cm_fn": ("FN", "int"),
     "cm_tp": ("TP", "int"), "train_accuracy": ("train acc.", "pct"), "epochs_run": ("epochs", "int"),
     "best_epoch": ("best", "int"), "run_seconds": ("time", "sec"), "train_peak_rss_mb": ("RSS MB", "int"),
 }

@@ -33,6 +33,7 @@ from stages.common import (
     write_csv_atomic,
     write_json_atomic,
 )
+from stages.augment import Augment, augmentation, balanced_order, class_weights
 from stages.network import (
     FeatureCache,
     build_model,
@@ -49,12 +50,14 @@ from stages.network import (
 log = logging.getLogger("anomaly_pipeline.train")
 
 
-def batches(count: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
-    """Index batches over ``count`` items, shuffled when a generator is given.
+def batches(count: int, batch_size: int, generator: torch.Generator | None,
+            order: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Index batches over ``count`` items: in the given ``order``, else shuffled when a generator is given.
 
     A trailing batch of one image joins the previous one: batch norm cannot train on a single image.
     """
-    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    if order is None:
+        order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
     chunks = list(order.split(batch_size))
     if len(chunks) > 1 and len(chunks[-1]) == 1:
         chunks[-2:] = [torch.cat(chunks[-2:])]
@@ -79,20 +82,27 @@ def train_one_epoch(
     generator: torch.Generator,
     prepare: Prepare = normalize,
     scaler: torch.amp.GradScaler | None = None,
+    class_balance: str = "none",
+    augment: Augment | None = None,
 ) -> tuple[float, float]:
     """One pass over the training inputs in shuffled batches; returns (mean loss, accuracy).
 
     ``prepare`` turns a batch of stored inputs into the model's input on ``device``; with a (CUDA) ``scaler``
-    the forward pass runs in mixed precision.
+    the forward pass runs in mixed precision. ``class_balance`` (train.class_balance) weights the loss by class
+    or draws the epoch's images class-balanced; ``augment`` changes each image of a batch before ``prepare``.
     """
     model.train()
     total_loss, correct = 0.0, 0
-    for index in tqdm(batches(len(images), batch_size, generator), desc="train", unit="batch", leave=False, disable=None):
-        inputs, targets = prepare(images[index], device), labels[index].to(device)
+    order = balanced_order(labels, generator) if class_balance == "sampler" else None
+    loss_weights = class_weights(labels).to(device) if class_balance == "weighted_loss" else None
+    for index in tqdm(batches(len(images), batch_size, generator, order), desc="train", unit="batch", leave=False,
+                      disable=None):
+        stored = images[index] if augment is None else augment(images[index])
+        inputs, targets = prepare(stored, device), labels[index].to(device)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, scaler is not None):
             logits = model(inputs)
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets, weight=loss_weights)
         if scaler is None:
             loss.backward()
             optimizer.step()
@@ -108,17 +118,27 @@ def train_one_epoch(
 @torch.inference_mode()
 def validate(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
-    prepare: Prepare = normalize, amp: bool = False,
+    prepare: Prepare = normalize, amp: bool = False, balanced: bool = False,
 ) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy on held-out inputs, in eval mode."""
+    """Mean cross-entropy loss and accuracy on held-out inputs, in eval mode.
+
+    ``balanced`` weights each image's loss by the inverse frequency of its class, so that both classes count
+    the same in the loss that picks the best epoch.
+    """
     model.eval()
+    weights = class_weights(labels).to(device) if balanced else None
     total_loss, correct = 0.0, 0
     for index in batches(len(images), batch_size, None):
         with autocast(device, amp):
             logits = model(prepare(images[index], device)).float()
         targets = labels[index].to(device)
-        total_loss += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        if weights is None:
+            total_loss += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        else:
+            losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            total_loss += (losses * weights[targets]).sum().item()
         correct += (logits.argmax(1) == targets).sum().item()
+    # Balanced: the weights of all images sum to len(images), so this is a weighted mean as well.
     return total_loss / len(images), correct / len(images)
 
 
@@ -138,9 +158,11 @@ def fit(
     Runs at least ``min_epochs`` and at most ``max_epochs`` epochs, stops once the validation loss has
     not improved for ``patience`` epochs, and returns a copy of the best epoch's weights with the history.
     ``on_epoch`` receives each epoch's record (epoch, losses, accuracies, lr, seconds) as it ends.
-    Mixed precision (``settings.amp``) applies on CUDA only.
+    Mixed precision (``settings.amp``) applies on CUDA only. ``settings.class_balance`` and ``settings.augment``
+    apply to training; a class balance also weights the validation loss by class.
     """
     amp = settings.amp and device.type == "cuda"
+    augment = augmentation(settings.augment)
     scaler = torch.amp.GradScaler(device.type) if amp else None
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -151,8 +173,9 @@ def fit(
         started = time.perf_counter()
         learning_rate = optimizer.param_groups[0]["lr"]
         train_loss, train_accuracy = train_one_epoch(model, optimizer, *train_data, settings.batch_size, device,
-                                                     generator, prepare, scaler)
-        val_loss, val_accuracy = validate(model, *val_data, settings.batch_size, device, prepare, amp)
+                                                     generator, prepare, scaler, settings.class_balance, augment)
+        val_loss, val_accuracy = validate(model, *val_data, settings.batch_size, device, prepare, amp,
+                                          balanced=settings.class_balance != "none")
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise PipelineError(
                 f"run {run}, epoch {epoch}: loss is not finite (train {train_loss}, val {val_loss}); "
@@ -196,7 +219,8 @@ def load_split(params: Params, paths: RunPaths, split: str,
     if cache is not None:
         inputs = cache.lookup(manifest["sha256"].tolist())
     else:
-        inputs = load_images(params.data.dir, manifest["path"].tolist(), params.model.image_size)
+        inputs = load_images(params.data.dir, manifest["path"].tolist(), params.model.image_size,
+                             params.model.resize)
     return inputs, torch.tensor(manifest["label"].to_list(), dtype=torch.long)
 
 
@@ -255,6 +279,7 @@ def main() -> None:
         torch.save({
             "arch": params.model.arch,
             "image_size": params.model.image_size,
+            "resize": params.model.resize,
             "weights": weights_label(params.model.pretrained),
             "finetune": finetune,
             "backbone_sha256": cache.identity["backbone_sha256"] if cache is not None else None,

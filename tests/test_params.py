@@ -36,6 +36,15 @@ def test_project_params_are_valid() -> None:
         ("train.finetune", "layer3", "train.finetune"),
         ("train.amp", "on", "train.amp"),
         ("evaluate.batch_size", 0, "evaluate.batch_size"),
+        ("evaluate.threshold", "max_recall", "evaluate.threshold"),
+        ("evaluate.threshold", 1.0, "evaluate.threshold"),
+        ("evaluate.target_recall", 0, "evaluate.target_recall"),
+        ("evaluate.target_recall", 1.2, "evaluate.target_recall"),
+        ("model.resize", "crop", "model.resize"),
+        ("train.class_balance", "oversample", "train.class_balance"),
+        ("train.augment", ["flip", "mixup"], "train.augment"),
+        ("train.augment", ["flip", "flip"], "train.augment"),
+        ("train.augment", "flip", "train.augment"),
         ("model.arch", "vgg16", "model.arch"),
         ("model.pretrained", "yes", "model.pretrained"),
         ("model.image_size", 8, "model.image_size"),
@@ -107,3 +116,14 @@ def test_a_section_that_is_not_a_mapping_is_named_by_its_first_key() -> None:
     tree = copy.deepcopy(default_params()) | {"train": 5}
     with pytest.raises(PipelineError, match=r"missing parameter 'train\.batch_size'"):
         parse_params(tree)
+
+
+def test_threshold_is_a_number_or_a_rule_and_augmentation_needs_full_fine_tuning() -> None:
+    tree = copy.deepcopy(default_params())
+    assert parse_params(set_dotted(tree, "evaluate.threshold", 0.3)).evaluate.threshold == 0.3
+    rule = parse_params(set_dotted(tree, "evaluate.threshold", "target_recall")).evaluate
+    assert (rule.threshold, rule.target_recall) == ("target_recall", 0.95)
+    set_dotted(tree, "train.augment", ["flip"])
+    assert parse_params(tree).train.augment == ("flip",)
+    with pytest.raises(PipelineError, match=r"'train\.augment' needs 'train\.finetune: all'"):
+        parse_params(set_dotted(tree, "train.finetune", "head"))

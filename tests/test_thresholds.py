@@ -1,0 +1,60 @@
+"""Thresholds chosen on validation scores, and the operating-point metrics, on scores with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stages.thresholds import candidate_thresholds, choose_threshold, operating_points
+
+# 6 clean and 4 faulty validation images; a model that ranks them imperfectly and scores defects low (a model
+# trained on rare defects): at 0.5 only 1 of the 4 defects is caught.
+LABELS = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+SCORES = np.array([0.01, 0.02, 0.05, 0.10, 0.20, 0.35, 0.15, 0.30, 0.40, 0.60])
+
+
+def test_a_number_is_used_as_it_is() -> None:
+    assert choose_threshold(0.5, LABELS, SCORES, 0.95) == 0.5
+
+
+def test_candidates_separate_every_pair_of_neighbouring_scores() -> None:
+    candidates = candidate_thresholds(np.array([0.2, 0.6, 0.2, 0.9]))
+    assert candidates == pytest.approx([0.1, 0.4, 0.75, 0.95])
+
+
+def test_max_balanced_accuracy_picks_the_best_cut_of_the_validation_scores() -> None:
+    threshold = choose_threshold("max_balanced_accuracy", LABELS, SCORES, 0.95)
+    # Cutting between 0.10 and 0.15 calls all 4 defects and 2 of 6 clean images faulty: balanced accuracy
+    # (4/4 + 4/6) / 2 = 0.83, the best of all cuts (0.25 gives 0.79, 0.375 gives 0.75); the threshold lies
+    # halfway between the two scores.
+    assert threshold == pytest.approx(0.125)
+    called = SCORES >= threshold
+    assert called[LABELS == 1].mean() == 1 and (~called[LABELS == 0]).mean() == pytest.approx(4 / 6)
+
+
+def test_ties_are_broken_towards_one_half() -> None:
+    labels, scores = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])
+    # Every threshold between 0.2 and 0.8 separates the classes perfectly: the candidate nearest 0.5 wins.
+    assert choose_threshold("max_balanced_accuracy", labels, scores, 0.95) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("target", "expected"), [(0.95, 0.125), (0.75, 0.25), (0.5, 0.375), (0.25, 0.5)])
+def test_target_recall_is_the_highest_threshold_that_catches_enough_defects(target: float, expected: float) -> None:
+    threshold = choose_threshold("target_recall", LABELS, SCORES, target)
+    assert threshold == pytest.approx(expected)
+    assert (SCORES[LABELS == 1] >= threshold).mean() >= target
+
+
+def test_one_class_in_validation_falls_back_to_one_half() -> None:
+    assert choose_threshold("max_balanced_accuracy", np.zeros(4, int), SCORES[:4], 0.95) == 0.5
+
+
+def test_operating_points_read_off_the_roc_and_precision_recall_curves() -> None:
+    points = operating_points(LABELS, SCORES)
+    # Recall >= 95 % means all 4 defects: the threshold must be at most 0.15, calling 4 of 6 clean ones clean.
+    assert points["specificity_at_recall_95"] == pytest.approx(4 / 6)
+    # Specificity >= 95 % means no clean image called faulty: above 0.35 only 2 of the 4 defects are caught.
+    assert points["recall_at_specificity_95"] == pytest.approx(2 / 4)
+    # Average precision: the precision where each defect is caught, in score order (1/1, 2/2, 3/4, 4/6), averaged.
+    assert points["average_precision"] == pytest.approx((1 + 1 + 3 / 4 + 4 / 6) / 4)
+    assert operating_points(np.ones(3, int), SCORES[:3]) == dict.fromkeys(points)
