@@ -1,0 +1,67 @@
+"""The README's robust preset, run as printed (dvc exp run) on a small rare-defect set, end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import (
+    DVC,
+    METAL,
+    PROJECT,
+    SMALL,
+    commit_all,
+    copy_subset,
+    make_project,
+    run,
+    shared_dataset,
+    write_params,
+)
+
+# 16 clean images and 6 faulty ones: defects are rare.
+RARE_SUBSET = {
+    "clean": [f"clean - ({n}).jpg" for n in range(1, 17)],
+    "faulty": [f"crazing_{n}.jpg" for n in range(1, 5)] + [f"inclusion_{n}.jpg" for n in range(1, 3)],
+}
+PRESET_MARK = "# robust preset"
+
+
+def robust_preset_line() -> str:
+    """The README's line that holds the robust preset: a 'dvc exp run' command ending with the mark."""
+    lines = [line for line in (PROJECT / "README.md").read_text().splitlines() if line.rstrip().endswith(PRESET_MARK)]
+    assert len(lines) == 1, f"README.md must hold exactly one line ending with {PRESET_MARK!r}"
+    assert lines[0].startswith("dvc exp run ")
+    return lines[0][: -len(PRESET_MARK)].strip()
+
+
+def test_the_robust_preset_runs_as_printed_and_records_its_threshold(tmp_path: Path) -> None:
+    data = copy_subset(tmp_path / "rare", shared_dataset(METAL), RARE_SUBSET)
+    project = make_project(tmp_path / "project")
+    write_params(project, {**SMALL, "data.dir": str(data), "runs": [0]})
+    commit_all(project, "small rare-defect project")
+    words = shlex.split(robust_preset_line())
+    run([*DVC, *words[1:]], project)
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["train"]["class_balance"] != "none" and params["train"]["augment"]
+    assert isinstance(params["evaluate"]["threshold"], str) and params["model"]["resize"] == "pad"
+    metrics = json.loads((project / "metrics" / "runs" / "run-0.json").read_text())
+    threshold = metrics["threshold"]
+    assert 0 < threshold < 1 and threshold != 0.5  # a midpoint between two validation scores
+    for name in ("test_specificity_at_recall_95", "test_recall_at_specificity_95", "test_average_precision"):
+        assert 0 <= metrics[name] <= 1
+    summary = json.loads((project / "metrics" / "summary.json").read_text())
+    assert summary["threshold"]["mean"] == pytest.approx(threshold)
+    report = (project / "metrics" / "report.html").read_text()
+    assert "Decision threshold" in report and f"{threshold:.3f}" in report
+    assert torch.load(project / "data" / "runs" / "run-0" / "model" / "model.pt", weights_only=True)["resize"] == "pad"
+
+    predicted = run([sys.executable, "-m", "stages.predict", str(data / "faulty")], project)
+    assert re.search(rf"threshold {threshold:.4g}\b", predicted.stderr), predicted.stderr
