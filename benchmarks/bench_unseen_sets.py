@@ -3,7 +3,7 @@
     python -m benchmarks.bench_unseen_sets [--sets fruit elpv-rare ...] [--configs study robust ...] [--runs 3]
     python -m benchmarks.bench_unseen_sets --table
 
-Each cell (set x configuration) is a clean clone of this checkout's HEAD that runs `dvc repro` with
+Each cell (set x configuration) is a clean clone of this checkout (HEAD, or --commit) that runs `dvc repro` with
 model.pretrained false, runs [0 .. runs-1], data.dir set to the set and the configuration's parameters. Its
 per-run test figures are appended to benchmarks/results/unseen_sets.jsonl as soon as the cell ends (with the
 date, commit and machine), and cells already there are not run again: a long measurement can be stopped and
@@ -69,9 +69,11 @@ def set_folder(name: str) -> tuple[Path, str, str]:
     return folder, negative, positive
 
 
-def clone_with_params(destination: Path, changes: dict[str, object]) -> str:
-    """A clean clone of this checkout's HEAD with dotted parameter changes in params.yaml; returns the commit."""
+def clone_with_params(destination: Path, changes: dict[str, object], commit: str) -> str:
+    """A clean clone of this checkout at ``commit`` with dotted parameter changes in params.yaml; returns the
+    commit's short hash."""
     subprocess.run(["git", "clone", "-q", str(PROJECT), str(destination)], check=True)
+    subprocess.run(["git", "checkout", "-q", commit], cwd=destination, check=True)
     params_file = destination / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     for dotted, value in changes.items():
@@ -85,14 +87,14 @@ def clone_with_params(destination: Path, changes: dict[str, object]) -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
-def run_cell(set_name: str, config: str, runs: int) -> dict:
+def run_cell(set_name: str, config: str, runs: int, commit: str) -> dict:
     """One `dvc repro` of a configuration on a set; its per-run test figures."""
     folder, negative, positive = set_folder(set_name)
     changes = {"data.dir": str(folder), "data.negative_class": negative, "data.positive_class": positive,
                "model.pretrained": False, "runs": list(range(runs)), **CONFIGS[config]}
     with tempfile.TemporaryDirectory() as temporary:
         project = Path(temporary) / "project"
-        commit = clone_with_params(project, changes)
+        commit = clone_with_params(project, changes, commit)
         started = time.perf_counter()
         result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, capture_output=True, text=True)
         wall = time.perf_counter() - started
@@ -157,6 +159,7 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--commit", default="HEAD", help="the checkout's commit to measure (default: HEAD)")
     parser.add_argument("--table", action="store_true", help="only print the table of what is measured")
     args = parser.parse_args()
     if not args.table:
@@ -167,7 +170,7 @@ def main() -> None:
                 if (set_name, config) in done:
                     continue
                 print(f"{datetime.datetime.now():%H:%M} {set_name} / {config} ...", flush=True)
-                cell = run_cell(set_name, config, args.runs)
+                cell = run_cell(set_name, config, args.runs, args.commit)
                 with RESULTS_FILE.open("a") as results:
                     results.write(json.dumps(cell) + "\n")
                 print(table([cell]), flush=True)
