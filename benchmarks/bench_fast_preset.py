@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -71,10 +72,11 @@ def main() -> None:
         wall = time.perf_counter() - started
         table = pd.read_csv(project / "metrics" / "runs.csv")
         summary = json.loads((project / "metrics" / "summary.json").read_text())
-        features = json.loads((project / "data" / "features" / "summary.json").read_text())
+        # The features stage logs its time (its outputs hold no timings: train depends on them).
+        features = re.search(r"features for \d+ distinct images .* in (\d+) s", result.stdout + result.stderr)
         starts = {stage: start_seconds(project, module) for stage, module in STAGE_MODULES.items()}
     counts = {"prepare-split": len(runs), "features": 1, "train": len(runs), "evaluate": len(runs), "aggregate": 1}
-    work = {"features": features.get("seconds", 0.0), "train": table["train_seconds"].sum(),
+    work = {"features": float(features.group(1)) if features else 0.0, "train": table["train_seconds"].sum(),
             "evaluate": table["evaluate_seconds"].sum()}
     process_starts = sum(starts[stage] * count for stage, count in counts.items())
     recorded = pd.read_csv(PROJECT / "metrics" / "runs.csv")

@@ -26,24 +26,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from anomaly_pipeline.entry import peak_rss_mb
+from anomaly_pipeline.images import IMAGENET_MEAN, IMAGENET_STD
+from anomaly_pipeline.model import build_model, predict_scores, seed_everything
+from anomaly_pipeline.params import PARAMS_FILE, parse_params
+from anomaly_pipeline.split import make_split
+from anomaly_pipeline.tensors import load_images, normalize
+from anomaly_pipeline.training import train_one_epoch
 
-from stages.common import peak_rss_mb, run_seed  # noqa: E402
-from stages.network import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    build_model,
-    load_images,
-    normalize,
-    predict_scores,
-    seed_everything,
-)
-from stages.prepare_split import group_ids, scan_dataset, split_groups  # noqa: E402
-from stages.train import train_one_epoch  # noqa: E402
+PROJECT = Path(__file__).resolve().parents[1]
 
 BATCH = 32
 EPOCHS_PER_RUN = 13.8  # mean epochs of the recorded 10-run result (metrics/summary.json, random init)
@@ -69,15 +64,17 @@ def training_flops_per_image(size: int) -> float:
 
 
 def split(data_dir: Path) -> tuple[list[str], list[int], list[str], list[int]]:
-    """Run 0's train and test images (paths relative to data_dir) and labels, as prepare-split makes them."""
-    table, _ = scan_dataset(data_dir, "clean", "faulty")
-    assignment = split_groups(table, group_ids(table, ""), 0.3, 0.2, np.random.default_rng(run_seed(0, 0)))
-    train, test = table[assignment == "train"], table[assignment == "test"]
+    """Run 0's train and test images (paths relative to data_dir) and labels, as prepare-split makes them with
+    params.yaml's class names and ratios."""
+    tree = yaml.safe_load((PROJECT / PARAMS_FILE).read_text())
+    tree["data"]["dir"] = str(data_dir)
+    manifests, _ = make_split(parse_params(tree), 0)
+    train, test = manifests["train"], manifests["test"]
     return train["path"].tolist(), train["label"].tolist(), test["path"].tolist(), test["label"].tolist()
 
 
 def ours(data_dir: Path, epochs: int, size: int) -> dict:
-    """This project's loop (stages.train / stages.common)."""
+    """This project's loop (anomaly_pipeline.training)."""
     train_paths, train_labels, test_paths, test_labels = split(data_dir)
     seed_everything(0)
     started = time.perf_counter()
@@ -93,7 +90,7 @@ def ours(data_dir: Path, epochs: int, size: int) -> dict:
         epoch_times.append(time.perf_counter() - started)
     started = time.perf_counter()
     test_images = load_images(data_dir, test_paths, size)
-    predict_scores(model, test_images, 64, cpu)
+    predict_scores(model, test_images, 64, cpu, normalize)
     evaluate = time.perf_counter() - started
     return {"train_images": len(train_paths), "test_images": len(test_paths), "decode_s": decode,
             "epoch_s": min(epoch_times), "evaluate_s": evaluate, "copy_s": 0.0, "peak_rss_mb": peak_rss_mb()}

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from stages.common import class_dirs, load_params, main_guard
+from anomaly_pipeline.entry import main_guard
+from anomaly_pipeline.images import class_dirs
+from anomaly_pipeline.params import load_params
 
 log = logging.getLogger("anomaly_pipeline.check_params")
 

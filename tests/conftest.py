@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.common import sha256_file
+from anomaly_pipeline.files import sha256_file
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ANOMALY_SHARED_DIR", PROJECT.parent / "shared"))
 METAL = SHARED / "datasets" / "metal-surface"
 FRUIT = SHARED / "datasets" / "fruit"
 DVC = (sys.executable, "-m", "dvc")
-PROJECT_FILES = ("stages", "anomaly_pipeline", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "data/.gitignore",
-                 "data/study-dataset.sha256")
+PROJECT_FILES = ("stages", "anomaly_pipeline", "pyproject.toml", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
+                 "data/.gitignore", "data/study-dataset.sha256")
 DVC_FILES = (".dvc/config", ".dvc/plots", ".dvc/plots_page.html")  # copied over what 'dvc init' writes
 # Headless Chromium as root with no network: no sandbox, no background requests to Google's hosts.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.common import PipelineError, open_rgb
-from stages.network import load_image
-from stages.prepare_split import (
+from anomaly_pipeline.errors import PipelineError
+from anomaly_pipeline.images import open_rgb
+from anomaly_pipeline.tensors import load_image
+from anomaly_pipeline.split import (
     group_ids,
     naive_split_leakage,
     near_duplicates,

@@ -125,7 +125,7 @@ def test_interrupted_evaluate_keeps_the_previous_outputs_whole(project: Path, mo
     import sys
 
     import stages.evaluate
-    from stages.common import main_guard
+    from anomaly_pipeline.entry import main_guard
 
     run([*DVC, "repro"], project)
     eval_dir = project / "data" / "runs" / "run-0" / "eval"

@@ -15,8 +15,11 @@ import pytest
 import torch
 import yaml
 
-from stages.common import ModelParams, PipelineError, sha256_file
-from stages.network import build_model, frozen_and_trainable, load_feature_cache, state_sha256
+from anomaly_pipeline.errors import PipelineError
+from anomaly_pipeline.features import load_feature_cache
+from anomaly_pipeline.files import sha256_file
+from anomaly_pipeline.model import build_model, frozen_and_trainable, state_sha256
+from anomaly_pipeline.params import ModelParams
 from tests.conftest import (
     DVC,
     SMALL,
@@ -87,7 +90,7 @@ def test_evaluate_from_cached_features_agrees_with_predict_from_images(head_proj
                                                                         metal_subset_module: Path) -> None:
     evaluated = pd.read_csv(head_project / "data" / "runs" / "run-0" / "eval" / "predictions.csv")
     output = tmp_path / "predicted.csv"
-    run([sys.executable, "-m", "stages.predict", "--run", "0", "--output", str(output),
+    run([sys.executable, "-m", "anomaly_pipeline.predict", "--run", "0", "--output", str(output),
          *[str(metal_subset_module / path) for path in evaluated["path"]]], head_project)
     predicted = pd.read_csv(output)
     assert predicted["faulty_probability"].to_numpy() == pytest.approx(evaluated["score"].to_numpy(), abs=1e-5)
@@ -123,8 +126,9 @@ def test_a_stale_features_file_is_refused(head_project: Path) -> None:
     path = head_project / "data" / "features" / "features.pt"
     asked = ModelParams(arch="resnet18", pretrained=False, image_size=32)
     assert load_feature_cache(asked, "head", path).features.shape[1] == 512
-    for other, finetune in [(ModelParams("resnet18", False, 48), "head"), (ModelParams("resnet34", False, 32), "head"),
-                            (ModelParams("resnet18", True, 32), "head"), (asked, "layer4")]:
+    others = [asked.model_copy(update=change) for change in
+              ({"image_size": 48}, {"arch": "resnet34"}, {"pretrained": True}, {"resize": "pad"})]
+    for other, finetune in [*((other, "head") for other in others), (asked, "layer4")]:
         with pytest.raises(PipelineError, match="run 'dvc repro'"):
             load_feature_cache(other, finetune, path)
 

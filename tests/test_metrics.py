@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.aggregate import summarize
-from stages.evaluate import classification_metrics
+from anomaly_pipeline.metrics import classification_metrics
+from anomaly_pipeline.summary import summarize
 
 
 def test_classification_metrics_hand_checked() -> None:
@@ -42,9 +42,9 @@ def test_single_class_test_set_has_no_auc_or_balanced_accuracy() -> None:
 
 def test_summary_gives_mean_std_min_max_and_mean_confusion_matrix() -> None:
     table = pd.DataFrame([
-        {"run": 0, "test_accuracy": 0.8, "train_seconds": 10.0, "pretrained": False, "finetune": "head",
+        {"run": 0, "test_accuracy": 0.8, "train_seconds": 10.0, "weights": "random-init", "finetune": "head",
          "cm_tn": 4, "cm_fp": 1, "cm_fn": 1, "cm_tp": 4},
-        {"run": 1, "test_accuracy": 0.6, "train_seconds": 20.0, "pretrained": False, "finetune": "head",
+        {"run": 1, "test_accuracy": 0.6, "train_seconds": 20.0, "weights": "random-init", "finetune": "head",
          "cm_tn": 2, "cm_fp": 3, "cm_fn": 1, "cm_tp": 4},
     ])
     summary = summarize(table)

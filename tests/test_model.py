@@ -9,8 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from stages.common import PipelineError
-from stages.network import build_model, fetch_pretrained_state
+from anomaly_pipeline.errors import PipelineError
+from anomaly_pipeline.model import build_model, fetch_pretrained_state
 from tests.conftest import SMALL, make_project, run, write_params
 
 OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import OWN_DATA_COMMAND
+from anomaly_pipeline.params import OWN_DATA_COMMAND
 from tests.conftest import (
     CHROMIUM_FLAGS,
     DVC,
@@ -125,9 +125,9 @@ def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -
                            "--virtual-time-budget=5000", "--dump-dom", page.as_uri()], tmp_path).stdout
         assert dom.count('class="marks"') == 5, dom[-2000:]  # every chart drawn (vega's canvas)
 
-    predicted = run_offline([sys.executable, "-m", "stages.predict", str(images / "rotten")], clone)
+    predicted = run_offline([sys.executable, "-m", "anomaly_pipeline.predict", str(images / "rotten")], clone)
     assert predicted.stdout.count("rotten/") == len(subset["rotten"])
-    run_offline([sys.executable, "-m", "stages.export", "--run", "0", "--format", "onnx"], clone)
+    run_offline([sys.executable, "-m", "anomaly_pipeline.export", "--run", "0", "--format", "onnx"], clone)
 
 
 def test_mistakes_stop_the_first_stage_with_the_projects_message(clone: Path, tmp_path: Path) -> None:

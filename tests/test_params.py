@@ -6,18 +6,31 @@ import copy
 import re
 
 import pytest
+from pydantic import BaseModel
 
-from stages.common import PipelineError, parameter_names, parse_params, run_seed
+from anomaly_pipeline.errors import PipelineError
+from anomaly_pipeline.params import parameter_names, parse_params, run_seed
 from tests.conftest import default_params, set_dotted
 
 
-def test_project_params_are_valid() -> None:
+def test_params_yaml_agrees_with_the_defaults_written_in_the_code() -> None:
+    """Fields with a default in the settings classes (the options added after the study's method) must have that
+    value in params.yaml: the file and the code cannot drift apart, and the default stays the study's method."""
     params = parse_params(default_params())
-    assert params.runs == tuple(range(10))
-    assert (params.split.test_ratio, params.split.val_ratio) == (0.3, 0.2)
-    assert (params.train.min_epochs, params.train.max_epochs, params.train.patience) == (5, 15, 3)
-    assert (params.train.batch_size, params.train.lr, params.model.image_size) == (32, 0.001, 224)
-    assert params.model.arch == "resnet18" and params.model.pretrained is True
+
+    def defaults(section: BaseModel, prefix: str = "") -> dict[str, object]:
+        found = {}
+        for name, field in type(section).model_fields.items():
+            value = getattr(section, name)
+            if isinstance(value, BaseModel):
+                found |= defaults(value, f"{prefix}{name}.")
+            elif not field.is_required():
+                found[prefix + name] = (field.get_default(call_default_factory=True), value)
+        return found
+
+    found = defaults(params)
+    assert {"train.class_balance", "train.augment", "model.resize", "evaluate.target_recall"} <= set(found)
+    assert all(default == value for default, value in found.values()), found
 
 
 @pytest.mark.parametrize(
@@ -73,11 +86,12 @@ def test_missing_parameter_is_named() -> None:
         parse_params(tree)
 
 
-def test_run_seeds_are_distinct_and_reproducible() -> None:
-    seeds = [run_seed(0, run) for run in range(10)]
-    assert len(set(seeds)) == 10
-    assert seeds == [run_seed(0, run) for run in range(10)]
-    assert run_seed(3, 0) != run_seed(0, 0)
+def test_run_seeds_are_the_published_ones() -> None:
+    # SeedSequence([seed, run]): these values fix every published split and initialisation; a change of the
+    # derivation (or of NumPy's) would silently change every result, so they are pinned here.
+    assert [run_seed(0, run) for run in range(3)] == [2968811710, 3964924996, 3141116543]
+    assert run_seed(3, 0) == 1576890651
+    assert len({run_seed(0, run) for run in range(100)}) == 100
 
 
 @pytest.mark.parametrize(
@@ -112,9 +126,9 @@ def test_params_yaml_holds_exactly_the_known_parameters() -> None:
     assert sorted(flatten(default_params())) == sorted(parameter_names())
 
 
-def test_a_section_that_is_not_a_mapping_is_named_by_its_first_key() -> None:
+def test_a_section_that_is_not_a_mapping_is_named() -> None:
     tree = copy.deepcopy(default_params()) | {"train": 5}
-    with pytest.raises(PipelineError, match=r"missing parameter 'train\.batch_size'"):
+    with pytest.raises(PipelineError, match=r"'train' must be a section \(a mapping of its parameters\), got 5"):
         parse_params(tree)
 
 
@@ -124,6 +138,6 @@ def test_threshold_is_a_number_or_a_rule_and_augmentation_needs_full_fine_tuning
     rule = parse_params(set_dotted(tree, "evaluate.threshold", "target_recall")).evaluate
     assert (rule.threshold, rule.target_recall) == ("target_recall", 0.95)
     set_dotted(tree, "train.augment", ["flip"])
-    assert parse_params(tree).train.augment == ("flip",)
+    assert parse_params(tree).train.augment == ["flip"]
     with pytest.raises(PipelineError, match=r"'train\.augment' needs 'train\.finetune: all'"):
         parse_params(set_dotted(tree, "train.finetune", "head"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from stages.study_data import URL_VARIABLE
+from anomaly_pipeline.study_dataset import URL_VARIABLE
 from tests.conftest import (
     CHROMIUM_FLAGS,
     DVC,
@@ -75,7 +75,7 @@ def test_repro_writes_sane_run_metrics_and_misclassified_images(project: Path) -
         assert metrics["test_accuracy"] == pytest.approx((matrix["tp"] + matrix["tn"]) / metrics["test_images"], abs=1e-6)
         assert 1 <= metrics["best_epoch"] <= metrics["epochs_run"] <= 2
         assert metrics["train_seconds"] > 0 and metrics["evaluate_seconds"] > 0
-        assert metrics["train_peak_rss_mb"] > 100 and metrics["pretrained"] is False
+        assert metrics["train_peak_rss_mb"] > 100 and metrics["weights"] == "random-init"
 
         run_dir = project / "data" / "runs" / f"run-{run_index}"
         predictions = pd.read_csv(run_dir / "eval" / "predictions.csv")
@@ -129,14 +129,17 @@ def misclassified_total(project: Path) -> int:
                for r in RUNS for cell in ("fp", "fn"))
 
 
-def test_dvclive_logs_every_epoch_of_every_run_in_its_own_folder(project: Path) -> None:
+def test_every_epoch_of_every_run_is_logged_once_and_gathered_for_the_plots(project: Path) -> None:
+    gathered = pd.read_csv(project / "metrics" / "plots" / "history.csv")
     for run_index in RUNS:
-        live = project / "data" / "runs" / f"run-{run_index}" / "live"
+        history = pd.read_csv(project / "data" / "runs" / f"run-{run_index}" / "model" / "history.csv")
         epochs = read_json(project / "metrics" / "runs" / f"run-{run_index}.json")["epochs_run"]
-        for metric in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr"):
-            rows = pd.read_csv(live / "plots" / "metrics" / f"{metric}.tsv", sep="\t")
-            assert list(rows["step"]) == list(range(epochs)), metric
-        assert not (live / "dvc.yaml").exists()
+        assert history["epoch"].tolist() == list(range(1, epochs + 1))
+        assert history["val_loss"].min() == pytest.approx(
+            read_json(project / "metrics" / "runs" / f"run-{run_index}.json")["best_val_loss"], abs=1e-6)
+        mine = gathered[gathered["run"] == run_index].drop(columns="run").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, history, check_dtype=False)
+    assert not (project / "data" / "runs" / "run-0" / "live").exists()
 
 
 def test_plots_show_renders_every_declared_plot_over_all_runs(project: Path) -> None:
@@ -180,7 +183,7 @@ def test_predict_agrees_with_evaluate_on_the_same_images(project: Path, tmp_path
     images = [str(project / "data" / "raw" / path) for path in evaluated["path"]]
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     output = tmp_path / "predicted.csv"
-    result = run([sys.executable, "-m", "stages.predict", "--run", "0", "--output", str(output),
+    result = run([sys.executable, "-m", "anomaly_pipeline.predict", "--run", "0", "--output", str(output),
                   *images, str(tmp_path)], project)
     predicted = pd.read_csv(output, keep_default_na=False)
     assert "broken.jpg: cannot be decoded" in result.stderr
@@ -195,16 +198,16 @@ def test_predict_agrees_with_evaluate_on_the_same_images(project: Path, tmp_path
 def test_predict_writes_no_file_unless_asked_and_refuses_an_unknown_run(project: Path) -> None:
     before = set(project.iterdir())
     image = str(project / "data" / "raw" / "clean" / METAL_SUBSET["clean"][0])
-    result = run([sys.executable, "-m", "stages.predict", image], project)
+    result = run([sys.executable, "-m", "anomaly_pipeline.predict", image], project)
     assert "faulty_probability" in result.stdout and set(project.iterdir()) == before
-    refused = run([sys.executable, "-m", "stages.predict", "--run", "7", image], project, check=False)
+    refused = run([sys.executable, "-m", "anomaly_pipeline.predict", "--run", "7", image], project, check=False)
     assert refused.returncode == 1
     assert "--run 7 is not one of params.yaml 'runs' [0, 1]" in refused.stderr and "Traceback" not in refused.stderr
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])
 def test_export_matches_pytorch_and_prints_only_the_result(project: Path, fmt: str) -> None:
-    result = run([sys.executable, "-m", "stages.export", "--run", "0", "--format", fmt], project)
+    result = run([sys.executable, "-m", "anomaly_pipeline.export", "--run", "0", "--format", fmt], project)
     assert (project / "data" / "exports" / "run-0" / f"model.{fmt}").stat().st_size > 1_000_000
     assert "match PyTorch within 1.0e-04" in result.stderr
     assert len((result.stdout + result.stderr).strip().splitlines()) == 1, result.stdout + result.stderr

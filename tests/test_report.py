@@ -12,8 +12,8 @@ import pandas as pd
 from PIL import Image
 
 from anomaly_pipeline.plots_page import PAGE_FILE, render
-from stages.aggregate import format_summary, headline, summarize
-from stages.report import _thumbnail, render_report
+from anomaly_pipeline.report import _thumbnail, render_report
+from anomaly_pipeline.summary import format_summary, headline, summarize
 from tests.conftest import PROJECT
 
 METRICS = ("test_accuracy", "test_balanced_accuracy", "test_precision", "test_recall", "test_f1",
@@ -22,7 +22,7 @@ METRICS = ("test_accuracy", "test_balanced_accuracy", "test_precision", "test_re
 
 
 def one_run_table() -> pd.DataFrame:
-    row = {"run": 0, "pretrained": False, "finetune": "all", **{name: 0.75 for name in METRICS},
+    row = {"run": 0, "weights": "random-init", "finetune": "all", **{name: 0.75 for name in METRICS},
            "cm_tn": 3, "cm_fp": 1, "cm_fn": 1, "cm_tp": 3}
     return pd.DataFrame([row])
 

@@ -63,5 +63,5 @@ def test_the_robust_preset_runs_as_printed_and_records_its_threshold(tmp_path: P
     assert "Decision threshold" in report and f"{threshold:.3f}" in report
     assert torch.load(project / "data" / "runs" / "run-0" / "model" / "model.pt", weights_only=True)["resize"] == "pad"
 
-    predicted = run([sys.executable, "-m", "stages.predict", str(data / "faulty")], project)
+    predicted = run([sys.executable, "-m", "anomaly_pipeline.predict", str(data / "faulty")], project)
     assert re.search(rf"threshold {threshold:.4g}\b", predicted.stderr), predicted.stderr

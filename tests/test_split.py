@@ -8,8 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stages.common import SPLITS, PipelineError, run_seed
-from stages.prepare_split import group_ids, scan_dataset, split_groups, split_report
+from anomaly_pipeline.errors import PipelineError
+from anomaly_pipeline.layout import SPLITS
+from anomaly_pipeline.params import run_seed
+from anomaly_pipeline.split import group_ids, scan_dataset, split_groups, split_report
 from tests.conftest import METAL, picture, save_image, shared_dataset
 
 

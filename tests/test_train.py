@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.common import PipelineError, SchedulerParams, TrainParams
-from stages.network import build_model, seed_everything
-from stages.train import batches, fit, validate
+from anomaly_pipeline.errors import PipelineError
+from anomaly_pipeline.model import build_model, seed_everything
+from anomaly_pipeline.params import SchedulerParams, TrainParams
+from anomaly_pipeline.training import EarlyStopping, batches, fit, use_amp, validate
 
 CPU = torch.device("cpu")
 
@@ -46,13 +47,43 @@ def test_best_validation_weights_are_returned_not_the_last_epoch() -> None:
     assert best_loss < last_loss
 
 
-def test_early_stopping_waits_for_min_epochs_and_counts_patience() -> None:
-    _, _, history = train(min_epochs=3, max_epochs=8, patience=1)
-    assert 3 <= len(history) <= 8
-    if len(history) < 8:
-        assert not history["best"].iloc[-1]  # stopped after an epoch without improvement
-    _, _, history = train(min_epochs=4, max_epochs=4, patience=0)
-    assert len(history) == 4  # patience 0 still trains min_epochs, never more than max_epochs
+def stopped_after(losses: list[float], min_epochs: int, max_epochs: int, patience: int) -> int:
+    """How many epochs EarlyStopping lets run on this sequence of validation losses."""
+    stopping = EarlyStopping(min_epochs, max_epochs, patience)
+    for loss in losses:
+        stopping.update(loss)
+        if stopping.should_stop:
+            break
+    return stopping.epoch
+
+
+@pytest.mark.parametrize(
+    ("losses", "min_epochs", "max_epochs", "patience", "epochs"),
+    [
+        # best at epoch 2, then 3 epochs without a better loss: stop after epoch 5
+        ([1.0, 0.5, 0.6, 0.7, 0.8, 0.1, 0.1], 1, 15, 3, 5),
+        # an equal loss is no improvement
+        ([1.0, 0.5, 0.5, 0.5, 0.5, 0.1], 1, 15, 3, 5),
+        # a new best resets the count: 0.4 at epoch 4, then 0.45, 0.5, 0.6
+        ([1.0, 0.5, 0.6, 0.4, 0.45, 0.5, 0.6, 0.1], 1, 15, 3, 7),
+        # patience reached at epoch 3, but min_epochs 6 keeps training
+        ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], 6, 15, 2, 6),
+        # always improving: max_epochs ends it
+        ([1.0, 0.9, 0.8, 0.7, 0.6], 1, 4, 1, 4),
+        # patience 0: stop at min_epochs whatever the losses
+        ([1.0, 0.9, 0.8, 0.7], 2, 15, 0, 2),
+    ],
+)
+def test_early_stopping_counts_epochs_without_a_better_loss(losses: list[float], min_epochs: int, max_epochs: int,
+                                                            patience: int, epochs: int) -> None:
+    assert stopped_after(losses, min_epochs, max_epochs, patience) == epochs
+
+
+def test_fit_stops_where_early_stopping_says() -> None:
+    _, _, history = train(min_epochs=2, max_epochs=8, patience=1)
+    assert len(history) == stopped_after(history["val_loss"].tolist(), 2, 8, 1)
+    losses = history["val_loss"].tolist()
+    assert history["best"].tolist() == [loss < min(losses[:i], default=float("inf")) for i, loss in enumerate(losses)]
 
 
 def test_non_finite_loss_fails_with_run_and_epoch() -> None:
@@ -67,7 +98,7 @@ def test_batches_never_leave_a_single_image_for_batch_norm() -> None:
 
 
 def test_grad_cam_is_a_normalised_map_that_depends_on_the_image() -> None:
-    from stages.explain import grad_cam
+    from anomaly_pipeline.explain import grad_cam
 
     seed_everything(0)
     model = build_model("resnet18", None)
@@ -80,11 +111,10 @@ def test_grad_cam_is_a_normalised_map_that_depends_on_the_image() -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_amp_is_a_cuda_option_and_changes_nothing_on_the_cpu() -> None:
-    _, best_fp32, history_fp32 = train(min_epochs=2, max_epochs=2)
-    _, best_amp, history_amp = train(min_epochs=2, max_epochs=2, amp=True)
-    pd.testing.assert_frame_equal(history_amp.drop(columns="seconds"), history_fp32.drop(columns="seconds"))
-    assert all(torch.equal(best_amp[name], best_fp32[name]) for name in best_fp32)
+def test_amp_applies_on_cuda_only() -> None:
+    assert use_amp(settings(amp=True), torch.device("cuda"))
+    assert not use_amp(settings(amp=True), CPU)
+    assert not use_amp(settings(amp=False), torch.device("cuda"))
 
 
 def test_results_do_not_depend_on_filling_new_memory() -> None:

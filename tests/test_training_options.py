@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.augment import RandomQuarterTurn, augmentation, balanced_order, class_weights
-from stages.network import PAD_COLOUR, build_model, load_image, seed_everything
-from stages.train import fit, validate
+from anomaly_pipeline.augment import RandomQuarterTurn, augmentation, balanced_order, class_weights
+from anomaly_pipeline.images import PAD_COLOUR
+from anomaly_pipeline.model import build_model, seed_everything
+from anomaly_pipeline.tensors import load_image
+from anomaly_pipeline.training import fit, validate
 from tests.test_train import CPU, settings, tiny_data
 
 RARE = torch.tensor([0] * 18 + [1] * 2)  # 1 faulty image in 10
@@ -80,7 +82,7 @@ def test_training_with_sampler_weighted_loss_and_augmentation_is_bit_identical_w
                       torch.Generator().manual_seed(0), run=0)
         return [tensor.clone() for tensor in best.values()]
 
-    options = dict(class_balance="sampler", augment=("flip", "rotate90", "affine", "color"))
+    options = dict(class_balance="sampler", augment=["flip", "rotate90", "affine", "color"])
     first, again = weights(**options), weights(**options)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     plain = weights()

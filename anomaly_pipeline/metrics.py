@@ -1,6 +1,6 @@
-"""Decision thresholds chosen on validation scores, and operating-point metrics of a set of scores.
+"""Scoring a run's predictions: the metrics at a threshold, the operating points, thresholds chosen on validation.
 
-No torch here: evaluate and the tests use it on plain arrays (labels 1 = faulty, scores = faulty probability).
+No torch here: plain arrays of labels (1 = faulty) and scores (the faulty probability).
 """
 
 from __future__ import annotations
@@ -8,9 +8,19 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from sklearn.metrics import average_precision_score, balanced_accuracy_score, recall_score, roc_curve
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
-log = logging.getLogger("anomaly_pipeline.thresholds")
+log = logging.getLogger("anomaly_pipeline.metrics")
 
 # The operating points reported beside the metrics at the threshold: inspection users fix a miss rate or a
 # false-alarm rate and read off the other.
@@ -57,4 +67,23 @@ def operating_points(labels: np.ndarray, scores: np.ndarray, level: float = OPER
         names[0]: float((1 - fpr[tpr >= level]).max()),
         names[1]: float(tpr[fpr <= 1 - level].max()),
         names[2]: float(average_precision_score(labels, scores)),
+    }
+
+
+def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
+    """Binary metrics (positive class = 1 = faulty) from true labels and positive-class probabilities: at the
+    threshold, then the operating points that do not depend on it."""
+    predicted = (scores >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    both_classes = len(np.unique(labels)) == 2
+    return {
+        "accuracy": accuracy_score(labels, predicted),
+        "balanced_accuracy": balanced_accuracy_score(labels, predicted) if both_classes else None,
+        "precision": precision_score(labels, predicted, pos_label=1, zero_division=0),
+        "recall": recall_score(labels, predicted, pos_label=1, zero_division=0),
+        "f1": f1_score(labels, predicted, pos_label=1, zero_division=0),
+        "specificity": recall_score(labels, predicted, pos_label=0, zero_division=0),
+        "roc_auc": roc_auc_score(labels, scores) if both_classes else None,
+        **operating_points(labels, scores),
+        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
     }

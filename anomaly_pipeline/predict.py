@@ -1,6 +1,7 @@
 """predict: classify new images with a trained run's model; prints a table and writes a CSV.
 
-    python -m stages.predict IMAGE_OR_FOLDER ... [--run N] [--threshold 0.5] [--output predictions.csv]
+    anomaly-predict IMAGE_OR_FOLDER ... [--run N] [--threshold 0.5] [--output predictions.csv]
+    (or: python -m anomaly_pipeline.predict ...)
 
 Without --run it uses the run with the lowest validation loss; without --threshold, the threshold that run's
 evaluation used (evaluate.threshold, or what its rule chose on the run's validation images). Folders are searched recursively;
@@ -17,31 +18,23 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from stages.common import (
-    PipelineError,
-    RunPaths,
-    check_run,
-    list_folder,
-    load_params,
-    main_guard,
-    read_json,
-    write_csv_atomic,
-)
-from stages.network import (
-    load_image,
-    load_trained_model,
-    predict_scores,
-    resolve_device,
-)
+from anomaly_pipeline.entry import main_guard
+from anomaly_pipeline.errors import PipelineError
+from anomaly_pipeline.files import read_json, write_csv_atomic
+from anomaly_pipeline.images import list_folder
+from anomaly_pipeline.layout import RunPaths
+from anomaly_pipeline.model import load_trained_model, predict_scores, resolve_device
+from anomaly_pipeline.params import check_run, load_params
+from anomaly_pipeline.tensors import load_image, normalize
 
 log = logging.getLogger("anomaly_pipeline.predict")
 SKIPPED = "skipped"
 
 
-def best_run(runs: tuple[int, ...]) -> int:
+def best_run(runs: list[int]) -> int:
     """The trained run with the lowest best validation loss."""
-    losses = {run: read_json(RunPaths(run).train_summary_file)["best_val_loss"]
-              for run in runs if RunPaths(run).train_summary_file.is_file()}
+    losses = {run: read_json(RunPaths(run).model.summary)["best_val_loss"]
+              for run in runs if RunPaths(run).model.summary.is_file()}
     if not losses:
         raise PipelineError("no trained run found: run 'dvc repro' first")
     return min(losses, key=losses.get)
@@ -76,7 +69,7 @@ def predict(images: list[Path], run: int, threshold: float, class_names: tuple[s
     Unreadable files get no probability (NaN), the label ``skipped`` and their error in the ``error`` column.
     """
     device = resolve_device(device_name)
-    trained = load_trained_model(RunPaths(run).model_file, device)
+    trained = load_trained_model(RunPaths(run).model.model, device)
     rows, tensors, readable = [], [], []
     for path in images:
         row = {"path": str(path), "faulty_probability": float("nan"), "label": SKIPPED, "error": ""}
@@ -88,7 +81,7 @@ def predict(images: list[Path], run: int, threshold: float, class_names: tuple[s
             row["error"] = str(error)
         rows.append(row)
     if tensors:
-        scores = predict_scores(trained.network, torch.stack(tensors), batch_size, device)
+        scores = predict_scores(trained.network, torch.stack(tensors), batch_size, device, normalize)
         for row, score in zip(readable, scores):
             row.update(faulty_probability=round(float(score), 6), label=class_names[int(score >= threshold)])
     return pd.DataFrame(rows, columns=["path", "faulty_probability", "label", "error"])
@@ -122,5 +115,10 @@ def main() -> None:
     log.info("%s", summary)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console entry point anomaly-predict."""
     main_guard(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -14,7 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from stages.common import open_rgb  # noqa: E402
+from anomaly_pipeline.images import open_rgb  # noqa: E402
+from anomaly_pipeline.params import IMAGENET  # noqa: E402
 
 # The published study's own figures (mean over its 10 runs), shown beside ours.
 STUDY = {
@@ -177,7 +178,7 @@ def render_report(summary: dict, runs: pd.DataFrame, history: pd.DataFrame, roc:
         f'run {row.run} · score {row.score:.3f}<br>{html.escape(row.path)}</figcaption></figure>'
         for row in misclassified.itertuples(index=False)
     ) or "<p>No test image was misclassified.</p>"
-    weights_note = ("" if summary["weights"] == "imagenet" else
+    weights_note = ("" if summary["weights"] == IMAGENET else
                     f'<p class="warn">These runs used <b>{html.escape(summary["weights"])}</b> weights, not ImageNet '
                     f"weights as in the study: compare with care.</p>")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.thresholds import candidate_thresholds, choose_threshold, operating_points
+from anomaly_pipeline.metrics import candidate_thresholds, choose_threshold, operating_points
 
 # 6 clean and 4 faulty validation images; a model that ranks them imperfectly and scores defects low (a model
 # trained on rare defects): at 0.5 only 1 of the 4 defects is caught.

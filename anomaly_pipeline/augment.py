@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import WeightedRandomSampler
 from torchvision.transforms import v2
 
-from stages.network import PAD_COLOUR
+from anomaly_pipeline.images import PAD_COLOUR
 
 Augment = Callable[[torch.Tensor], torch.Tensor]
 

@@ -9,8 +9,8 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
-from stages.common import open_rgb
-from stages.network import normalize
+from anomaly_pipeline.images import open_rgb
+from anomaly_pipeline.tensors import normalize
 
 
 def grad_cam(model: torch.nn.Module, image: torch.Tensor, target_class: int, device: torch.device) -> np.ndarray:

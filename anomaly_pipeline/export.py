@@ -1,6 +1,6 @@
 """export: write a run's model as a torch.export program (.pt2) or ONNX and check it against PyTorch.
 
-    python -m stages.export --run 0 --format pt2|onnx [--output FILE] [--verbose]
+    anomaly-export --run 0 --format pt2|onnx [--output FILE] [--verbose]     (or: python -m anomaly_pipeline.export)
 
 The check runs the exported model and the PyTorch model on up to 8 of the run's test images and
 fails when a faulty probability differs by more than TOLERANCE. ONNX needs onnxruntime for the check.
@@ -19,20 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.common import (
-    PipelineError,
-    RunPaths,
-    check_run,
-    load_params,
-    main_guard,
-    read_manifest,
-)
-from stages.network import load_images, load_trained_model, normalize
+from anomaly_pipeline.entry import main_guard
+from anomaly_pipeline.errors import PipelineError
+from anomaly_pipeline.layout import RunPaths, read_manifest
+from anomaly_pipeline.model import load_trained_model
+from anomaly_pipeline.params import check_run, load_params
+from anomaly_pipeline.tensors import load_images, normalize
 
 log = logging.getLogger("anomaly_pipeline.export")
 TOLERANCE = 1e-4  # largest allowed difference of a faulty probability
 SAMPLES = 8
-EXPORTS_DIR = Path("data/exports")
 FORMATS = ("pt2", "onnx")  # also the exported file's suffix
 
 
@@ -74,11 +70,11 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="show the exporter's own progress messages")
     args = parser.parse_args()
     paths = RunPaths(check_run(args.run, params))
-    output = args.output or EXPORTS_DIR / f"run-{args.run}" / f"model.{args.format}"
+    output = args.output or paths.exports_dir / f"model.{args.format}"
     cpu = torch.device("cpu")
-    trained = load_trained_model(paths.model_file, cpu)
+    trained = load_trained_model(paths.model.model, cpu)
     network = trained.network.to(memory_format=torch.contiguous_format)
-    test = read_manifest(paths.manifest("test"))
+    test = read_manifest(paths.split.manifest("test"))
     samples = load_images(params.data.dir, test["path"].head(SAMPLES).tolist(), trained.image_size,
                           trained.resize)
     inputs = normalize(samples, cpu).contiguous()
@@ -101,5 +97,10 @@ def main() -> None:
              output, args.format, len(inputs), TOLERANCE, difference)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console entry point anomaly-export."""
     main_guard(main)
+
+
+if __name__ == "__main__":
+    cli()
