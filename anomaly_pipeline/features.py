@@ -12,12 +12,11 @@ import torch
 from tqdm import tqdm
 
 from anomaly_pipeline.errors import PipelineError
-from anomaly_pipeline.files import sha256_file
-from anomaly_pipeline.images import class_dirs, list_folder
 from anomaly_pipeline.layout import FeatureFiles
 from anomaly_pipeline.model import build_model, fetch_pretrained_state, frozen_and_trainable, state_sha256
 from anomaly_pipeline.params import ModelParams, Params
-from anomaly_pipeline.tensors import load_image, normalize
+from anomaly_pipeline.store import ImageStore, StoredImages
+from anomaly_pipeline.tensors import normalize
 
 # Seed of the frozen layers' random initialisation when model.pretrained is false (the same in every run).
 FROZEN_INIT_SEED = 0
@@ -68,15 +67,6 @@ def load_feature_cache(model: ModelParams, finetune: str, path: Path = FeatureFi
                         stored["features"], stored["backbone_state"])
 
 
-def distinct_images(params: Params) -> dict[str, str]:
-    """sha256 -> path (relative to data.dir) of every distinct image file in the two class folders."""
-    images: dict[str, str] = {}
-    for folder in class_dirs(params.data.dir, params.data.negative_class, params.data.positive_class):
-        for path in list_folder(folder).images:
-            images.setdefault(sha256_file(path), path.relative_to(params.data.dir).as_posix())
-    return images
-
-
 def backbone_state(params: Params) -> dict[str, torch.Tensor]:
     """The starting weights of the whole network: ImageNet's, or a random initialisation fixed for all runs."""
     if params.model.pretrained:
@@ -90,49 +80,23 @@ def backbone_state(params: Params) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def extract(frozen: torch.nn.Module, params: Params, images: dict[str, str],
-            device: torch.device) -> tuple[list[str], torch.Tensor]:
-    """The frozen part's output for each image, in batches; unreadable images are left out (prepare-split
-    reports them, or stops with data.strict)."""
-    digests, outputs, skipped = [], [], []
-    pending: list[tuple[str, torch.Tensor]] = []
-
-    def flush() -> None:
-        batch = torch.stack([image for _, image in pending])
-        outputs.append(frozen(normalize(batch, device)).float().cpu().contiguous())
-        digests.extend(digest for digest, _ in pending)
-        pending.clear()
-
-    for digest, relative in tqdm(images.items(), desc="features", unit="img", leave=False, disable=None):
-        try:
-            pending.append((digest, load_image(params.data.dir / relative, params.model.image_size,
-                                                      params.model.resize)))
-        except PipelineError:
-            if params.data.strict:
-                raise
-            skipped.append(relative)
-            continue
-        if len(pending) == BATCH_SIZE:
-            flush()
-    if pending:
-        flush()
-    if skipped:
-        log.warning("%d unreadable image(s) left out (prepare-split lists them), e.g. %s", len(skipped), skipped[0])
-    if not outputs:
-        raise PipelineError(f"no readable image in {params.data.dir}: nothing to compute features of")
-    return digests, torch.cat(outputs)
+def extract(frozen: torch.nn.Module, images: StoredImages, device: torch.device) -> torch.Tensor:
+    """The frozen part's output for each image of the store, in batches."""
+    outputs = []
+    for start in tqdm(range(0, len(images), BATCH_SIZE), desc="features", unit="batch", leave=False, disable=None):
+        outputs.append(frozen(normalize(images[start:start + BATCH_SIZE], device)).float().cpu().contiguous())
+    return torch.cat(outputs)
 
 
 def compute_features(params: Params, device: torch.device) -> tuple[dict[str, Any], list[str], torch.Tensor,
                                                                       dict[str, torch.Tensor]]:
-    """The frozen part's output for every distinct image of data.dir: (identity, sha256s, features, the weights)."""
-    images = distinct_images(params)
+    """The frozen part's output for every image of the decoded-image store: (identity, sha256s, features, weights)."""
+    digests, images = ImageStore(params.model.image_size, params.model.resize).all()
     state = backbone_state(params)
     identity = feature_identity(params.model, params.train.finetune, state_sha256(state))
     network = build_model(params.model.arch, state).to(device, memory_format=torch.channels_last).eval()
     frozen, _ = frozen_and_trainable(network, params.train.finetune)
-    digests, features = extract(frozen, params, images, device)
-    return identity, digests, features, state
+    return identity, digests, extract(frozen, images, device), state
 
 
 def save_features(path: Path, identity: dict[str, Any], digests: list[str], features: torch.Tensor,

@@ -1,7 +1,7 @@
 """A run's manifest -> the inputs of the part of the network that trains: ``train.finetune`` is decided here, once.
 
-With 'all' every layer trains on decoded images (normalised batch by batch); with 'layer4' or 'head' the frozen
-layers' output comes from the features stage, looked up by each image's sha256. Train, evaluate and the
+With 'all' every layer trains on the decode stage's images (read and normalised batch by batch); with 'layer4' or
+'head' the frozen layers' output comes from the features stage. Both are looked up by each image's sha256. Train, evaluate and the
 benchmarks all go through ``ModelInputs``.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -19,7 +18,8 @@ from anomaly_pipeline.features import FeatureCache, load_feature_cache
 from anomaly_pipeline.layout import FeatureFiles
 from anomaly_pipeline.model import TrainedModel, build_model, fetch_pretrained_state, frozen_and_trainable
 from anomaly_pipeline.params import Params
-from anomaly_pipeline.tensors import features_to_device, load_images, normalize
+from anomaly_pipeline.store import ImageStore, StoredImages
+from anomaly_pipeline.tensors import features_to_device, normalize
 
 log = logging.getLogger("anomaly_pipeline")
 
@@ -28,7 +28,6 @@ log = logging.getLogger("anomaly_pipeline")
 class ModelInputs:
     """Where a run's inputs come from and how a batch of them becomes the trained part's input."""
 
-    data_dir: Path
     image_size: int
     resize: str
     finetune: str
@@ -39,7 +38,7 @@ class ModelInputs:
         """The inputs params.yaml asks for (the cached features when a part is frozen)."""
         finetune = params.train.finetune
         cache = load_feature_cache(params.model, finetune) if finetune != "all" else None
-        return cls(params.data.dir, params.model.image_size, params.model.resize, finetune, cache)
+        return cls(params.model.image_size, params.model.resize, finetune, cache)
 
     @classmethod
     def for_model(cls, params: Params, trained: TrainedModel) -> ModelInputs:
@@ -50,17 +49,18 @@ class ModelInputs:
             if cache.identity["backbone_sha256"] != trained.backbone_sha256:
                 raise PipelineError(f"{FeatureFiles().features} holds features of other weights than the model was "
                                     f"trained from: run 'dvc repro' so train and evaluate run again")
-        return cls(params.data.dir, trained.image_size, trained.resize, trained.finetune, cache)
+        return cls(trained.image_size, trained.resize, trained.finetune, cache)
 
     @property
     def frozen_features(self) -> bool:
         return self.cache is not None
 
-    def load(self, manifest: pd.DataFrame) -> torch.Tensor:
-        """The stored inputs of a manifest's images, in its order: cached features, or images decoded once."""
+    def load(self, manifest: pd.DataFrame) -> torch.Tensor | StoredImages:
+        """The stored inputs of a manifest's images, in its order: cached features (in memory, small), or the
+        decoded images (indexable like a tensor, read from the store a batch at a time)."""
         if self.cache is not None:
             return self.cache.lookup(manifest["sha256"].tolist())
-        return load_images(self.data_dir, manifest["path"].tolist(), self.image_size, self.resize)
+        return ImageStore(self.image_size, self.resize).images(manifest["sha256"].tolist())
 
     def prepare(self, stored: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A batch of stored inputs -> the trained part's input on ``device``."""

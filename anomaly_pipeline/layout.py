@@ -17,6 +17,7 @@ from anomaly_pipeline.errors import PipelineError
 RUNS_DIR = Path("data/runs")
 RUN_METRICS_DIR = Path("metrics/runs")
 FEATURES_DIR = Path("data/features")
+DECODED_DIR = Path("data/decoded")
 EXPORTS_DIR = Path("data/exports")
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["path", "label", "sha256"]
@@ -96,6 +97,25 @@ class FeatureFiles:
     @property
     def summary(self) -> Path:
         return self.dir / "summary.json"
+
+
+@dataclass(frozen=True)
+class StoreFiles:
+    """decode's folder: every distinct image decoded once, one uint8 row each, with its index and description."""
+
+    dir: Path = DECODED_DIR
+
+    @property
+    def images(self) -> Path:
+        return self.dir / "images.u8"
+
+    @property
+    def index(self) -> Path:
+        return self.dir / "index.csv"
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / "meta.json"
 
 
 @dataclass(frozen=True)
