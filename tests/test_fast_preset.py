@@ -152,6 +152,7 @@ def test_imagenet_features_come_from_the_torch_home_weights(tmp_path: Path, meta
     cached = write_fake_cache(torch_home)
     project = make_project(tmp_path / "project")
     write_params(project, {**HEAD, "runs": [0], "model.pretrained": True, "data.dir": str(metal_subset)})
+    run([sys.executable, "-m", "stages.decode"], project)  # what features reads
     run([sys.executable, "-m", "stages.features"], project, env={**OFFLINE, "TORCH_HOME": str(torch_home)})
     features = stored_features(project)
     assert features["identity"]["weights"] == "imagenet"
