@@ -25,6 +25,7 @@ from anomaly_pipeline.params import Params, run_seed
 log = logging.getLogger("anomaly_pipeline.prepare_split")
 EXAMPLES = 10
 THUMB = 32
+NEAR_DUPLICATE_BLOCK = 256
 
 
 def thumbnail(image: Image.Image) -> np.ndarray:
@@ -151,11 +152,15 @@ def near_duplicates(table: pd.DataFrame, assignment: pd.Series, max_rms: float) 
     if max_rms <= 0:
         return []
     test, train = table[assignment == "test"], table[assignment == "train"]
-    a, b = np.stack(test["thumbnail"]).astype(np.float64), np.stack(train["thumbnail"]).astype(np.float64)
-    squared = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
-    rms = np.sqrt(np.maximum(squared, 0) / a.shape[1])
-    pairs = [{"test": test["path"].iloc[i], "train": train["path"].iloc[j], "rms": round(float(rms[i, j]), 3)}
-             for i, j in zip(*np.nonzero(rms <= max_rms))]
+    b = np.stack(train["thumbnail"]).astype(np.float64)
+    b_squared = (b**2).sum(1)[None, :]
+    pairs = []
+    # A block of test images at a time: the whole test x train distance matrix would take gigabytes at 20,000.
+    for start in range(0, len(test), NEAR_DUPLICATE_BLOCK):
+        a = np.stack(test["thumbnail"].iloc[start:start + NEAR_DUPLICATE_BLOCK]).astype(np.float64)
+        rms = np.sqrt(np.maximum((a**2).sum(1)[:, None] + b_squared - 2 * a @ b.T, 0) / a.shape[1])
+        pairs += [{"test": test["path"].iloc[start + i], "train": train["path"].iloc[j],
+                   "rms": round(float(rms[i, j]), 3)} for i, j in zip(*np.nonzero(rms <= max_rms))]
     return sorted(pairs, key=lambda pair: (pair["rms"], pair["test"]))
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from anomaly_pipeline.errors import PipelineError
 from anomaly_pipeline.images import open_rgb
 from anomaly_pipeline.tensors import load_image
+import anomaly_pipeline.split as split_module
 from anomaly_pipeline.split import (
     group_ids,
     naive_split_leakage,
@@ -214,3 +215,13 @@ def test_near_duplicates_across_the_split_are_reported(tmp_path: Path) -> None:
         frozenset(("faulty/faulty0.png", "faulty/faulty0-copy.jpg"))
     }
     assert near_duplicates(table, assignment, 0) == []
+
+
+def test_near_duplicates_found_block_by_block_are_those_of_the_whole_matrix(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    table, _ = scan_dataset(good_dataset(tmp_path, per_class=10), "clean", "faulty")
+    assignment = split_groups(table, group_ids(table, ""), 0.3, 0.2, np.random.default_rng(0))
+    whole = near_duplicates(table, assignment, 200.0)  # a loose limit: many pairs
+    assert len(whole) > 10
+    monkeypatch.setattr(split_module, "NEAR_DUPLICATE_BLOCK", 2)  # test images two at a time
+    assert near_duplicates(table, assignment, 200.0) == whole
