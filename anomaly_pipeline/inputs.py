@@ -1,14 +1,15 @@
 """A run's manifest -> the inputs of the part of the network that trains: ``train.finetune`` is decided here, once.
 
 With 'all' every layer trains on the decode stage's images (read and normalised batch by batch); with 'layer4' or
-'head' the frozen layers' output comes from the features stage. Both are looked up by each image's sha256. Train, evaluate and the
-benchmarks all go through ``ModelInputs``.
+'head' the frozen layers' output comes from the features stage. Both are looked up by each image's sha256.
+Train, evaluate and the benchmarks all go through ``ModelInputs``.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import pandas as pd
 import torch
@@ -55,12 +56,17 @@ class ModelInputs:
     def frozen_features(self) -> bool:
         return self.cache is not None
 
+    @cached_property
+    def store(self) -> ImageStore:
+        """The decoded-image store, opened (and checked) once however many manifests are loaded."""
+        return ImageStore(self.image_size, self.resize)
+
     def load(self, manifest: pd.DataFrame) -> torch.Tensor | StoredImages:
         """The stored inputs of a manifest's images, in its order: cached features (in memory, small), or the
         decoded images (indexable like a tensor, read from the store a batch at a time)."""
         if self.cache is not None:
             return self.cache.lookup(manifest["sha256"].tolist())
-        return ImageStore(self.image_size, self.resize).images(manifest["sha256"].tolist())
+        return self.store.images(manifest["sha256"].tolist())
 
     def prepare(self, stored: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A batch of stored inputs -> the trained part's input on ``device``."""

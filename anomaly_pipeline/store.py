@@ -1,8 +1,8 @@
 """The decoded-image store: every distinct image of data.dir decoded once per pipeline, at model.image_size, into
 one file of uint8 rows (3 x size x size each) that every run reads a batch at a time, never whole.
 
-Rows are read into fresh buffers (not through a memory map, whose pages would count as the process's memory), so a process holds only the batches
-it is using: its memory does not grow with the number of images.
+Rows are read into fresh buffers (not through a memory map, whose pages would count as the process's memory),
+so a process holds only the batches it is using: its memory does not grow with the number of images.
 """
 
 from __future__ import annotations

@@ -29,9 +29,11 @@ STAGE_MODULES = {"prepare-split": "stages.prepare_split", "features": "stages.fe
                  "evaluate": "stages.evaluate", "aggregate": "stages.aggregate"}
 
 
-def clone_with_params(destination: Path, changes: dict[str, object]) -> None:
-    """A clean clone of this checkout's HEAD with dotted parameter changes written into params.yaml."""
+def clone_with_params(destination: Path, changes: dict[str, object], commit: str = "HEAD") -> str:
+    """A clean clone of this checkout at ``commit`` with dotted parameter changes written into params.yaml;
+    returns the commit's short hash."""
     subprocess.run(["git", "clone", "-q", str(PROJECT), str(destination)], check=True)
+    subprocess.run(["git", "checkout", "-q", commit], cwd=destination, check=True)
     params_file = destination / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
     for dotted, value in changes.items():
@@ -41,6 +43,8 @@ def clone_with_params(destination: Path, changes: dict[str, object]) -> None:
             node = node[key]
         node[leaf] = value
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=destination, check=True,
+                          capture_output=True, text=True).stdout.strip()
 
 
 def start_seconds(project: Path, module: str, repeats: int = 3) -> float:

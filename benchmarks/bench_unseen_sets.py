@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import psutil
-import yaml
 from sklearn.metrics import average_precision_score
 
+from benchmarks.bench_fast_preset import clone_with_params
 from benchmarks.elpv_folders import write_folders
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -67,24 +67,6 @@ def set_folder(name: str) -> tuple[Path, str, str]:
     if name.startswith("elpv") and not folder.exists():
         write_folders(folder, rare=name == "elpv-rare")
     return folder, negative, positive
-
-
-def clone_with_params(destination: Path, changes: dict[str, object], commit: str) -> str:
-    """A clean clone of this checkout at ``commit`` with dotted parameter changes in params.yaml; returns the
-    commit's short hash."""
-    subprocess.run(["git", "clone", "-q", str(PROJECT), str(destination)], check=True)
-    subprocess.run(["git", "checkout", "-q", commit], cwd=destination, check=True)
-    params_file = destination / "params.yaml"
-    params = yaml.safe_load(params_file.read_text())
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=destination, check=True,
-                          capture_output=True, text=True).stdout.strip()
 
 
 def run_cell(set_name: str, config: str, runs: int, commit: str) -> dict:

@@ -11,6 +11,7 @@ import shutil
 import time
 
 import numpy as np
+import pandas as pd
 from sklearn.metrics import accuracy_score
 from tqdm import tqdm
 
@@ -18,7 +19,7 @@ from anomaly_pipeline.entry import main_guard, peak_rss_mb, run_arg
 from anomaly_pipeline.explain import grad_cam, overlay
 from anomaly_pipeline.files import atomic_dir, read_json, write_csv_atomic, write_json_atomic
 from anomaly_pipeline.inputs import ModelInputs
-from anomaly_pipeline.layout import EvalFiles, RunPaths, read_manifest
+from anomaly_pipeline.layout import SPLITS, EvalFiles, RunPaths, read_manifest
 from anomaly_pipeline.metrics import choose_threshold, classification_metrics
 from anomaly_pipeline.model import load_trained_model, predict_scores, resolve_device
 from anomaly_pipeline.params import load_params
@@ -37,10 +38,10 @@ def main() -> None:
     inputs = ModelInputs.for_model(params, trained)
     _, scored_part = inputs.trained_part(trained.network)
 
-    def score(manifest):
+    def score(manifest: pd.DataFrame) -> np.ndarray:
         return predict_scores(scored_part, inputs.load(manifest), params.evaluate.batch_size, device, inputs.prepare)
 
-    manifests = {split: read_manifest(paths.split.manifest(split)) for split in ("train", "val", "test")}
+    manifests = {split: read_manifest(paths.split.manifest(split)) for split in SPLITS}
     threshold = params.evaluate.threshold
     if isinstance(threshold, str):
         threshold = choose_threshold(threshold, manifests["val"]["label"].to_numpy(), score(manifests["val"]),
