@@ -9,12 +9,14 @@ per-run test figures are appended to benchmarks/results/unseen_sets.jsonl as soo
 date, commit and machine), and cells already there are not run again: a long measurement can be stopped and
 resumed. Balanced accuracy, recall and specificity are at each run's own decision threshold; PR-AUC (average
 precision) is computed here from the run's test predictions, so cells measured before the pipeline reported
-it are comparable. Seconds per run = training + evaluation as the stages record them.
+it are comparable. Configurations are compared by the validation figures recorded beside (each run's balanced
+accuracy and PR-AUC on its own validation images), never by the test figures. Seconds per run = training + evaluation as the stages record them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import psutil
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, balanced_accuracy_score
 
 from benchmarks.bench_fast_preset import clone_with_params
 from benchmarks.elpv_folders import write_folders
@@ -47,15 +49,17 @@ SETS = {
     "elpv-rare": (BUILT_SETS / "elpv-rare", "clean", "faulty"),
 }
 # Configuration name -> parameter changes on top of params.yaml (the study's method). "robust" is the README's
-# robust preset; the others are its options one at a time.
-ROBUST = {"train.class_balance": "sampler", "train.augment": ["flip", "rotate90", "color"], "model.resize": "pad",
+# robust preset; "preset-1" the first candidate it replaced; the others are options one at a time.
+ROBUST = {"train.class_balance": "weighted_loss", "train.augment": ["flip", "rotate90"], "model.resize": "pad",
           "evaluate.threshold": "max_balanced_accuracy"}
 CONFIGS: dict[str, dict[str, object]] = {
     "study": {},
     "robust": ROBUST,
+    "preset-1": {"train.class_balance": "sampler", "train.augment": ["flip", "rotate90", "color"],
+                 "model.resize": "pad", "evaluate.threshold": "max_balanced_accuracy"},
     "sampler": {"train.class_balance": "sampler"},
     "weighted_loss": {"train.class_balance": "weighted_loss"},
-    "augment": {"train.augment": ["flip", "rotate90", "color"]},
+    "augment": {"train.augment": ["flip", "rotate90"]},
     "threshold": {"evaluate.threshold": "max_balanced_accuracy"},
     "pad": {"model.resize": "pad"},
 }
@@ -67,6 +71,33 @@ def set_folder(name: str) -> tuple[Path, str, str]:
     if name.startswith("elpv") and not folder.exists():
         write_folders(folder, rare=name == "elpv-rare")
     return folder, negative, positive
+
+
+def validation_figures(project: Path, runs: int) -> list[dict[str, float]]:
+    """Each run's balanced accuracy (at its recorded threshold) and PR-AUC on its own validation images: what a
+    configuration is chosen by (the test figures are only reported)."""
+    from anomaly_pipeline.inputs import ModelInputs
+    from anomaly_pipeline.layout import RunPaths, read_manifest
+    from anomaly_pipeline.model import load_trained_model, predict_scores, resolve_device
+    from anomaly_pipeline.params import load_params
+
+    figures = []
+    with contextlib.chdir(project):
+        params = load_params()
+        device = resolve_device(params.device)
+        for run in range(runs):
+            paths = RunPaths(run)
+            trained = load_trained_model(paths.model.model, device)
+            inputs = ModelInputs.for_model(params, trained)
+            _, scored_part = inputs.trained_part(trained.network)
+            manifest = read_manifest(paths.split.manifest("val"))
+            scores = predict_scores(scored_part, inputs.load(manifest), params.evaluate.batch_size, device,
+                                    inputs.prepare)
+            threshold = json.loads(paths.metrics_file.read_text()).get("threshold", 0.5)
+            labels = manifest["label"].to_numpy()
+            figures.append({"val_balanced_accuracy": float(balanced_accuracy_score(labels, scores >= threshold)),
+                            "val_pr_auc": float(average_precision_score(labels, scores))})
+    return figures
 
 
 def run_cell(set_name: str, config: str, runs: int, commit: str) -> dict:
@@ -83,6 +114,7 @@ def run_cell(set_name: str, config: str, runs: int, commit: str) -> dict:
         if result.returncode != 0:
             raise RuntimeError(f"{set_name} / {config}: dvc repro failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         per_run = []
+        validation = validation_figures(project, runs)
         for run in range(runs):
             metrics = json.loads((project / "metrics" / "runs" / f"run-{run}.json").read_text())
             predictions = pd.read_csv(project / "data" / "runs" / f"run-{run}" / "eval" / "predictions.csv")
@@ -95,6 +127,7 @@ def run_cell(set_name: str, config: str, runs: int, commit: str) -> dict:
                 "threshold": metrics.get("threshold", 0.5),
                 "epochs_run": metrics["epochs_run"],
                 "seconds": metrics["train_seconds"] + metrics["evaluate_seconds"],
+                **validation[run],
             })
     return {"set": set_name, "config": config, "changes": CONFIGS[config], "commit": commit,
             "date": datetime.date.today().isoformat(), "wall_seconds": round(wall, 1),
@@ -130,6 +163,8 @@ def table(cells: list[dict]) -> str:
             "recall %": spread([run["recall"] for run in runs]),
             "specificity %": spread([run["specificity"] for run in runs]),
             "PR-AUC %": spread([run["pr_auc"] for run in runs]),
+            "val BA %": spread([run["val_balanced_accuracy"] for run in runs]) if "val_balanced_accuracy" in runs[0]
+            else "-",
             "s/run": f"{np.mean([run['seconds'] for run in runs]):.0f}",
             "commit": cell["commit"],
         })
