@@ -6,13 +6,16 @@ Each loop runs in its own process (so peak RSS is its own) on run 0's split of t
 initialisation, batch 32, Adam 1e-3. Printed per loop: images/s for training and evaluation, seconds
 per epoch, training GFLOP/s (FlopCounterMode) against the CPU's fp32 matmul GFLOP/s, the estimated
 seconds of a whole run (epochs x epoch time + evaluation + image copying) and peak RSS; then the ratios,
-where a training step of this project's loop spends its time (torch.profiler: data, forward, backward,
-optimizer; convolution, batch norm, ...) and what its memory holds.
+what each part of each loop adds to its peak RSS (imports, data, model, first epoch, later epochs,
+evaluation), what importing the train stage's libraries costs, where a training step of this project's loop
+spends its time (torch.profiler: data, forward, backward, optimizer; convolution, batch norm, ...) and what
+its memory holds.
 
 The baseline follows the study's loop as its description gives it: every image decoded and resized from
 disk in every epoch, NCHW training, evaluation one image at a time, every split image copied into the
-run folder. This project's loop: images decoded once, channels_last, batched evaluation under
-inference_mode, only misclassified images copied.
+run folder. This project's loop, as its stages run it: images decoded once into the decode stage's store and
+read a batch at a time, channels_last, batched evaluation under inference_mode, only misclassified images
+copied, freed memory handed back to the system (anomaly_pipeline.entry.return_freed_memory).
 """
 
 from __future__ import annotations
@@ -26,15 +29,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from anomaly_pipeline.entry import peak_rss_mb
+from anomaly_pipeline.entry import peak_rss_mb, return_freed_memory
 from anomaly_pipeline.images import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_pipeline.model import build_model, predict_scores, seed_everything
-from anomaly_pipeline.params import PARAMS_FILE, parse_params
+from anomaly_pipeline.layout import StoreFiles
+from anomaly_pipeline.params import PARAMS_FILE, Params, parse_params
 from anomaly_pipeline.split import make_split
+from anomaly_pipeline.store import ImageStore, build_store
 from anomaly_pipeline.tensors import load_images, normalize
 from anomaly_pipeline.training import train_one_epoch
 
@@ -63,37 +69,69 @@ def training_flops_per_image(size: int) -> float:
     return counter.get_total_flops() / 2
 
 
-def split(data_dir: Path) -> tuple[list[str], list[int], list[str], list[int]]:
-    """Run 0's train and test images (paths relative to data_dir) and labels, as prepare-split makes them with
-    params.yaml's class names and ratios."""
+def split(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run 0's train and test manifests (path relative to data_dir, label, sha256), as prepare-split makes them
+    with params.yaml's class names and ratios."""
+    manifests, _ = make_split(bench_params(data_dir), 0)
+    return manifests["train"], manifests["test"]
+
+
+def bench_params(data_dir: Path) -> Params:
+    """params.yaml with data.dir set to the benchmark's images."""
     tree = yaml.safe_load((PROJECT / PARAMS_FILE).read_text())
     tree["data"]["dir"] = str(data_dir)
-    manifests, _ = make_split(parse_params(tree), 0)
-    train, test = manifests["train"], manifests["test"]
-    return train["path"].tolist(), train["label"].tolist(), test["path"].tolist(), test["label"].tolist()
+    return parse_params(tree)
+
+
+class MemoryTrace:
+    """Peak RSS of this process at named points of a loop, and what each part added (MB)."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.points[name] = peak_rss_mb()
+
+    def added(self) -> dict[str, float]:
+        values = list(self.points.values())
+        return {name: value - previous for name, value, previous in zip(self.points, values, [0.0, *values])}
 
 
 def ours(data_dir: Path, epochs: int, size: int) -> dict:
-    """This project's loop (anomaly_pipeline.training)."""
-    train_paths, train_labels, test_paths, test_labels = split(data_dir)
+    """This project's loop: the decode stage's store (anomaly_pipeline.store), read a batch at a time by
+    anomaly_pipeline.training, as the train and evaluate stages do (freed memory returned as in every stage)."""
+    return_freed_memory()
+    trace = MemoryTrace()
+    trace.mark("process, imports, split")
+    train, test = split(data_dir)
     seed_everything(0)
-    started = time.perf_counter()
-    images, labels = load_images(data_dir, train_paths, size), torch.tensor(train_labels)
-    decode = time.perf_counter() - started
-    model = build_model("resnet18", None).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
-    epoch_times = []
-    for _ in range(epochs):
+    with tempfile.TemporaryDirectory() as folder:
+        files = StoreFiles(Path(folder))
         started = time.perf_counter()
-        train_one_epoch(model, optimizer, images, labels, BATCH, cpu, generator)
-        epoch_times.append(time.perf_counter() - started)
-    started = time.perf_counter()
-    test_images = load_images(data_dir, test_paths, size)
-    predict_scores(model, test_images, 64, cpu, normalize)
-    evaluate = time.perf_counter() - started
-    return {"train_images": len(train_paths), "test_images": len(test_paths), "decode_s": decode,
-            "epoch_s": min(epoch_times), "evaluate_s": evaluate, "copy_s": 0.0, "peak_rss_mb": peak_rss_mb()}
+        build_store(bench_params(data_dir), files)
+        decode = time.perf_counter() - started
+        store = ImageStore(size, "squash", files)
+        images, labels = store.images(train["sha256"].tolist()), torch.tensor(train["label"].tolist())
+        trace.mark("data")
+        model = build_model("resnet18", None).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        generator, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
+        trace.mark("model")
+        epoch_times = []
+        for _ in range(epochs):
+            started = time.perf_counter()
+            train_one_epoch(model, optimizer, images, labels, BATCH, cpu, generator)
+            epoch_times.append(time.perf_counter() - started)
+            if len(epoch_times) == 1:
+                trace.mark("first epoch")
+        trace.mark("later epochs")
+        started = time.perf_counter()
+        predict_scores(model, store.images(test["sha256"].tolist()), 64, cpu, normalize)
+        evaluate = time.perf_counter() - started
+        trace.mark("evaluation")
+    return {"train_images": len(train), "test_images": len(test), "decode_s": decode,
+            "epoch_s": min(epoch_times), "evaluate_s": evaluate, "copy_s": 0.0, "peak_rss_mb": peak_rss_mb(),
+            "memory_mb": trace.added()}
 
 
 OP_GROUPS = (("convolution", ("conv",)), ("batch norm", ("batch_norm", "batchnorm")),
@@ -107,9 +145,11 @@ def profile(data_dir: Path, epochs: int, size: int) -> dict:
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
 
-    train_paths, train_labels, _, _ = split(data_dir)
+    return_freed_memory()
+    train, _ = split(data_dir)
     seed_everything(0)
-    images, labels = load_images(data_dir, train_paths[:BATCH * 4], size), torch.tensor(train_labels[:BATCH * 4])
+    images = load_images(data_dir, train["path"].tolist()[:BATCH * 4], size)
+    labels = torch.tensor(train["label"].tolist()[:BATCH * 4])
     model = build_model("resnet18", None).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     cpu = torch.device("cpu")
@@ -157,7 +197,10 @@ def baseline(data_dir: Path, epochs: int, size: int) -> dict:
     from PIL import Image
     from torchvision import transforms
 
-    train_paths, train_labels, test_paths, test_labels = split(data_dir)
+    trace = MemoryTrace()
+    trace.mark("process, imports, split")
+    train, test = split(data_dir)
+    train_paths, train_labels, test_paths = train["path"].tolist(), train["label"].tolist(), test["path"].tolist()
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
                                     transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -173,8 +216,10 @@ def baseline(data_dir: Path, epochs: int, size: int) -> dict:
 
     seed_everything(0)
     loader = torch.utils.data.DataLoader(Folder(train_paths, train_labels), batch_size=BATCH, shuffle=True)
+    trace.mark("data")
     model = build_model("resnet18", None)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    trace.mark("model")
     epoch_times = []
     for _ in range(epochs):
         started = time.perf_counter()
@@ -184,12 +229,16 @@ def baseline(data_dir: Path, epochs: int, size: int) -> dict:
             torch.nn.functional.cross_entropy(model(inputs), targets).backward()
             optimizer.step()
         epoch_times.append(time.perf_counter() - started)
+        if len(epoch_times) == 1:
+            trace.mark("first epoch")
+    trace.mark("later epochs")
     started = time.perf_counter()
     model.eval()
     with torch.no_grad():
         for path in test_paths:
             model(transform(Image.open(data_dir / path).convert("RGB")).unsqueeze(0))
     evaluate = time.perf_counter() - started
+    trace.mark("evaluation")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_folder:
         for path in train_paths + test_paths:
@@ -198,7 +247,26 @@ def baseline(data_dir: Path, epochs: int, size: int) -> dict:
             shutil.copy2(data_dir / path, target)
     copy = time.perf_counter() - started
     return {"train_images": len(train_paths), "test_images": len(test_paths), "decode_s": 0.0,
-            "epoch_s": min(epoch_times), "evaluate_s": evaluate, "copy_s": copy, "peak_rss_mb": peak_rss_mb()}
+            "epoch_s": min(epoch_times), "evaluate_s": evaluate, "copy_s": copy, "peak_rss_mb": peak_rss_mb(),
+            "memory_mb": trace.added()}
+
+
+IMPORT_STEPS = (("python, pydantic, psutil (anomaly_pipeline.entry)", []), ("numpy", ["numpy"]),
+                ("torch", ["torch"]), ("torchvision", ["torchvision"]),
+                ("the train stage's other imports", ["stages.train"]))
+
+
+def import_costs() -> dict[str, float]:
+    """Peak RSS of a fresh process after each step of what the train stage imports, and what each step adds."""
+    costs, previous, modules = {}, 0.0, []
+    for name, more in IMPORT_STEPS:
+        modules += more
+        code = "".join(f"import {module}\n" for module in modules) + (
+            "from anomaly_pipeline.entry import peak_rss_mb\nprint(peak_rss_mb())")
+        peak = float(subprocess.run([sys.executable, "-c", code], cwd=PROJECT, check=True, capture_output=True,
+                                    text=True).stdout)
+        costs[name], previous = peak - previous, peak
+    return costs
 
 
 def share_line(times: dict[str, float]) -> str:
@@ -247,6 +315,11 @@ def main() -> None:
     print(f"ratios (baseline / ours): epoch {base['epoch_s'] / fast['epoch_s']:.2f}x, "
           f"evaluation {base['evaluate_s'] / fast['evaluate_s']:.2f}x, run {base['run_s'] / fast['run_s']:.2f}x, "
           f"peak RSS {base['peak_rss_mb'] / fast['peak_rss_mb']:.2f}x")
+    for variant, figures in results.items():
+        print(f"peak RSS of {variant}, MB added by each part: " + ", ".join(
+            f"{name} {value:+.0f}" for name, value in figures["memory_mb"].items()))
+    print("peak RSS of a process importing what the train stage imports, MB added by each: " + ", ".join(
+        f"{name} {value:+.0f}" for name, value in import_costs().items()))
     breakdown = measure("profile", args.data_dir, args.epochs, args.image_size)
     print("where a training step of ours goes (torch.profiler, 3 batches): "
           + share_line(breakdown["phases"]) + "; by operator: " + share_line(breakdown["operators"]))

@@ -10,7 +10,8 @@ date, commit and machine), and cells already there are not run again: a long mea
 resumed. Balanced accuracy, recall and specificity are at each run's own decision threshold; PR-AUC (average
 precision) is computed here from the run's test predictions, so cells measured before the pipeline reported
 it are comparable. Configurations are compared by the validation figures recorded beside (each run's balanced
-accuracy and PR-AUC on its own validation images), never by the test figures. Seconds per run = training + evaluation as the stages record them.
+accuracy and PR-AUC on its own validation images), never by the test figures. Seconds per run = training +
+evaluation as the stages record them.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def run_cell(set_name: str, config: str, runs: int, commit: str) -> dict:
         result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, capture_output=True, text=True)
         wall = time.perf_counter() - started
         if result.returncode != 0:
-            raise RuntimeError(f"{set_name} / {config}: dvc repro failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+            raise RuntimeError(f"{set_name} / {config}: dvc repro failed:\n{result.stdout[-3000:]}\n"
+                               f"{result.stderr[-3000:]}")
         per_run = []
         validation = validation_figures(project, runs)
         for run in range(runs):
