@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import psutil
+import yaml
 from sklearn.metrics import average_precision_score, balanced_accuracy_score
 
 from benchmarks.bench_fast_preset import clone_with_params
@@ -49,13 +51,23 @@ SETS = {
     "elpv": (BUILT_SETS / "elpv", "clean", "faulty"),
     "elpv-rare": (BUILT_SETS / "elpv-rare", "clean", "faulty"),
 }
+PRESET_MARK = "# robust preset"
+
+
+def readme_preset() -> dict[str, object]:
+    """The README's robust preset: the -S changes of its one 'dvc exp run ... # robust preset' line."""
+    line = next(line for line in (PROJECT / "README.md").read_text().splitlines()
+                if line.startswith("dvc exp run ") and line.rstrip().endswith(PRESET_MARK))
+    words = shlex.split(line[: line.rindex(PRESET_MARK)])
+    changes = [words[index + 1] for index, word in enumerate(words) if word == "-S"]
+    return {key: yaml.safe_load(value) for key, value in (change.split("=", 1) for change in changes)}
+
+
 # Configuration name -> parameter changes on top of params.yaml (the study's method). "robust" is the README's
 # robust preset; "preset-1" the first candidate it replaced; the others are options one at a time.
-ROBUST = {"train.class_balance": "weighted_loss", "train.augment": ["flip", "rotate90"], "model.resize": "pad",
-          "evaluate.threshold": "max_balanced_accuracy"}
 CONFIGS: dict[str, dict[str, object]] = {
     "study": {},
-    "robust": ROBUST,
+    "robust": readme_preset(),
     "preset-1": {"train.class_balance": "sampler", "train.augment": ["flip", "rotate90", "color"],
                  "model.resize": "pad", "evaluate.threshold": "max_balanced_accuracy"},
     "sampler": {"train.class_balance": "sampler"},
