@@ -191,10 +191,11 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--commit", default="HEAD", help="the checkout's commit to measure (default: HEAD)")
+    parser.add_argument("--again", action="store_true", help="measure cells already recorded again (the latest wins)")
     parser.add_argument("--table", action="store_true", help="only print the table of what is measured")
     args = parser.parse_args()
     if not args.table:
-        done = {(cell["set"], cell["config"]) for cell in read_results()}
+        done = set() if args.again else {(cell["set"], cell["config"]) for cell in read_results()}
         RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
         for set_name in args.sets:
             for config in args.configs:
