@@ -102,13 +102,15 @@ def ours(data_dir: Path, epochs: int, size: int) -> dict:
     anomaly_pipeline.training, as the train and evaluate stages do (freed memory returned as in every stage)."""
     return_freed_memory()
     trace = MemoryTrace()
-    trace.mark("process, imports, split")
-    train, test = split(data_dir)
+    trace.mark("process, imports")
+    params = bench_params(data_dir)
+    manifests, _ = make_split(params, 0)
+    train, test = manifests["train"], manifests["test"]
     seed_everything(0)
     with tempfile.TemporaryDirectory() as folder:
         files = StoreFiles(Path(folder))
         started = time.perf_counter()
-        build_store(bench_params(data_dir), files)
+        build_store(params, files)
         decode = time.perf_counter() - started
         store = ImageStore(size, "squash", files)
         images, labels = store.images(train["sha256"].tolist()), torch.tensor(train["label"].tolist())
@@ -198,7 +200,7 @@ def baseline(data_dir: Path, epochs: int, size: int) -> dict:
     from torchvision import transforms
 
     trace = MemoryTrace()
-    trace.mark("process, imports, split")
+    trace.mark("process, imports")
     train, test = split(data_dir)
     train_paths, train_labels, test_paths = train["path"].tolist(), train["label"].tolist(), test["path"].tolist()
     transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
