@@ -76,10 +76,12 @@ def split(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return manifests["train"], manifests["test"]
 
 
-def bench_params(data_dir: Path) -> Params:
-    """params.yaml with data.dir set to the benchmark's images."""
+def bench_params(data_dir: Path, size: int | None = None) -> Params:
+    """params.yaml with data.dir set to the benchmark's images (and model.image_size to ``size``, if given)."""
     tree = yaml.safe_load((PROJECT / PARAMS_FILE).read_text())
     tree["data"]["dir"] = str(data_dir)
+    if size is not None:
+        tree["model"]["image_size"] = size
     return parse_params(tree)
 
 
@@ -103,7 +105,7 @@ def ours(data_dir: Path, epochs: int, size: int) -> dict:
     return_freed_memory()
     trace = MemoryTrace()
     trace.mark("process, imports")
-    params = bench_params(data_dir)
+    params = bench_params(data_dir, size)
     manifests, _ = make_split(params, 0)
     train, test = manifests["train"], manifests["test"]
     seed_everything(0)
