@@ -34,22 +34,44 @@ def candidate_thresholds(scores: np.ndarray) -> np.ndarray:
     return np.concatenate([[distinct[0] / 2], (distinct[:-1] + distinct[1:]) / 2, [(distinct[-1] + 1) / 2]])
 
 
+def calls_at(thresholds: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """One row per threshold: 1 where an image is called faulty at it (score >= threshold), else 0."""
+    return (scores[None, :] >= thresholds[:, None]).astype(int)
+
+
+def balanced_accuracy_standard_error(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """The standard error of these predictions' balanced accuracy, (recall + specificity) / 2. Each rate is
+    estimated as (hits + 1) / (images + 2), so a perfect score on a few images still has a spread."""
+    variance = 0.0
+    for label in (0, 1):
+        members = labels == label
+        rate = ((predicted[members] == label).sum() + 1) / (members.sum() + 2)
+        variance += rate * (1 - rate) / members.sum()
+    return 0.5 * float(np.sqrt(variance))
+
+
 def choose_threshold(rule: float | str, labels: np.ndarray, scores: np.ndarray, target_recall: float) -> float:
-    """The threshold for ``rule``: a number is used as it is; 'max_balanced_accuracy' maximises the balanced
-    accuracy on these (validation) scores, ties broken towards 0.5; 'target_recall' is the highest threshold
-    that still calls at least ``target_recall`` of the faulty images faulty."""
+    """The threshold for ``rule``: a number is used as it is; 'max_balanced_accuracy' is the threshold nearest
+    0.5 (0.5 itself included) whose balanced accuracy on these (validation) scores is within one standard error
+    of the best: a cut that beats 0.5 by less than the validation set's own noise is not taken (the
+    one-standard-error rule); 'target_recall' is the highest threshold that still calls at least
+    ``target_recall`` of the faulty images faulty."""
     if not isinstance(rule, str):
         return float(rule)
     if len(np.unique(labels)) < 2:
         log.warning("the validation images hold one class only: threshold rule %s cannot apply, using 0.5", rule)
         return 0.5
-    candidates = candidate_thresholds(scores)
-    predicted = (scores[None, :] >= candidates[:, None]).astype(int)
     if rule == "max_balanced_accuracy":
+        candidates = np.append(candidate_thresholds(scores), 0.5)
+        predicted = calls_at(candidates, scores)
         quality = np.array([balanced_accuracy_score(labels, row) for row in predicted])
-        best = np.flatnonzero(np.isclose(quality, quality.max()))
-        return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+        best = int(np.argmax(quality))
+        margin = balanced_accuracy_standard_error(labels, predicted[best])
+        near_best = np.flatnonzero(quality >= quality[best] - margin - 1e-12)
+        return float(candidates[near_best[np.argmin(np.abs(candidates[near_best] - 0.5))]])
     if rule == "target_recall":
+        candidates = candidate_thresholds(scores)
+        predicted = calls_at(candidates, scores)
         recall = np.array([recall_score(labels, row, zero_division=0) for row in predicted])
         return float(candidates[np.flatnonzero(recall >= target_recall - 1e-12).max()])
     raise ValueError(f"unknown threshold rule {rule!r}")

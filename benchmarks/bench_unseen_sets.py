@@ -3,15 +3,17 @@
     python -m benchmarks.bench_unseen_sets [--sets fruit elpv-rare ...] [--configs study robust ...] [--runs 3]
     python -m benchmarks.bench_unseen_sets --table
 
-Each cell (set x configuration) is a clean clone of this checkout (HEAD, or --commit) that runs `dvc repro` with
-model.pretrained false, runs [0 .. runs-1], data.dir set to the set and the configuration's parameters. Its
-per-run test figures are appended to benchmarks/results/unseen_sets.jsonl as soon as the cell ends (with the
-date, commit and machine), and cells already there are not run again: a long measurement can be stopped and
-resumed. Balanced accuracy, recall and specificity are at each run's own decision threshold; PR-AUC (average
-precision) is computed here from the run's test predictions, so cells measured before the pipeline reported
-it are comparable. Configurations are compared by the validation figures recorded beside (each run's balanced
-accuracy and PR-AUC on its own validation images), never by the test figures. Seconds per run = training +
-evaluation as the stages record them.
+Each run of a cell (set x configuration) is a clean clone of this checkout (HEAD, or --commit) that runs
+`dvc repro` with model.pretrained false, runs [N] (run N's split, seed and model do not depend on the other
+runs), data.dir set to the set and the configuration's parameters. Its test figures, its validation figures and
+both sets of scores (label, score) are appended to benchmarks/results/unseen_sets.jsonl as soon as it ends
+(with the date, commit and machine), and runs already there are not run again: a measurement of many hours can
+be stopped and resumed run by run. Balanced accuracy, recall and specificity are at each run's own decision
+threshold; PR-AUC (average precision) is computed here from the run's test predictions, so cells measured
+before the pipeline reported it are comparable. Configurations are compared by the validation figures recorded
+beside (each run's balanced accuracy and PR-AUC on its own validation images), never by the test figures.
+Seconds per run = training + evaluation as the stages record them. Earlier candidates for the preset stay in
+the results under their own names (preset-1, preset-2), measured at their commits.
 """
 
 from __future__ import annotations
@@ -64,12 +66,10 @@ def readme_preset() -> dict[str, object]:
 
 
 # Configuration name -> parameter changes on top of params.yaml (the study's method). "robust" is the README's
-# robust preset; "preset-1" the first candidate it replaced; the others are options one at a time.
+# robust preset; the others are options one at a time.
 CONFIGS: dict[str, dict[str, object]] = {
     "study": {},
     "robust": readme_preset(),
-    "preset-1": {"train.class_balance": "sampler", "train.augment": ["flip", "rotate90", "color"],
-                 "model.resize": "pad", "evaluate.threshold": "max_balanced_accuracy"},
     "sampler": {"train.class_balance": "sampler"},
     "weighted_loss": {"train.class_balance": "weighted_loss"},
     "augment": {"train.augment": ["flip", "rotate90"]},
@@ -86,38 +86,35 @@ def set_folder(name: str) -> tuple[Path, str, str]:
     return folder, negative, positive
 
 
-def validation_figures(project: Path, runs: int) -> list[dict[str, float]]:
-    """Each run's balanced accuracy (at its recorded threshold) and PR-AUC on its own validation images: what a
-    configuration is chosen by (the test figures are only reported)."""
+def validation_scores(project: Path, run: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``run``'s validation labels and scores, by its trained model as the evaluate stage scores them."""
     from anomaly_pipeline.inputs import ModelInputs
     from anomaly_pipeline.layout import RunPaths, read_manifest
     from anomaly_pipeline.model import load_trained_model, predict_scores, resolve_device
     from anomaly_pipeline.params import load_params
 
-    figures = []
     with contextlib.chdir(project):
         params = load_params()
         device = resolve_device(params.device)
-        for run in range(runs):
-            paths = RunPaths(run)
-            trained = load_trained_model(paths.model.model, device)
-            inputs = ModelInputs.for_model(params, trained)
-            _, scored_part = inputs.trained_part(trained.network)
-            manifest = read_manifest(paths.split.manifest("val"))
-            scores = predict_scores(scored_part, inputs.load(manifest), params.evaluate.batch_size, device,
-                                    inputs.prepare)
-            threshold = json.loads(paths.metrics_file.read_text()).get("threshold", 0.5)
-            labels = manifest["label"].to_numpy()
-            figures.append({"val_balanced_accuracy": float(balanced_accuracy_score(labels, scores >= threshold)),
-                            "val_pr_auc": float(average_precision_score(labels, scores))})
-    return figures
+        paths = RunPaths(run)
+        trained = load_trained_model(paths.model.model, device)
+        inputs = ModelInputs.for_model(params, trained)
+        _, scored_part = inputs.trained_part(trained.network)
+        manifest = read_manifest(paths.split.manifest("val"))
+        scores = predict_scores(scored_part, inputs.load(manifest), params.evaluate.batch_size, device,
+                                inputs.prepare)
+    return manifest["label"].to_numpy(), scores
 
 
-def run_cell(set_name: str, config: str, runs: int, commit: str) -> dict:
-    """One `dvc repro` of a configuration on a set; its per-run test figures."""
+def rounded(values: np.ndarray) -> list[float]:
+    return [round(float(value), 5) for value in values]
+
+
+def measure_run(set_name: str, config: str, run: int, commit: str) -> dict:
+    """One run of a configuration on a set (`dvc repro` of a clone with runs [run]): its figures and scores."""
     folder, negative, positive = set_folder(set_name)
     changes = {"data.dir": str(folder), "data.negative_class": negative, "data.positive_class": positive,
-               "model.pretrained": False, "runs": list(range(runs)), **CONFIGS[config]}
+               "model.pretrained": False, "runs": [run], **CONFIGS[config]}
     with tempfile.TemporaryDirectory() as temporary:
         project = Path(temporary) / "project"
         commit = clone_with_params(project, changes, commit)
@@ -125,62 +122,69 @@ def run_cell(set_name: str, config: str, runs: int, commit: str) -> dict:
         result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, capture_output=True, text=True)
         wall = time.perf_counter() - started
         if result.returncode != 0:
-            raise RuntimeError(f"{set_name} / {config}: dvc repro failed:\n{result.stdout[-3000:]}\n"
+            raise RuntimeError(f"{set_name} / {config} / run {run}: dvc repro failed:\n{result.stdout[-3000:]}\n"
                                f"{result.stderr[-3000:]}")
-        per_run = []
-        validation = validation_figures(project, runs)
-        for run in range(runs):
-            metrics = json.loads((project / "metrics" / "runs" / f"run-{run}.json").read_text())
-            predictions = pd.read_csv(project / "data" / "runs" / f"run-{run}" / "eval" / "predictions.csv")
-            per_run.append({
-                "run": run,
-                "balanced_accuracy": metrics["test_balanced_accuracy"],
-                "recall": metrics["test_recall"],
-                "specificity": metrics["test_specificity"],
-                "pr_auc": float(average_precision_score(predictions["label"], predictions["score"])),
-                "threshold": metrics.get("threshold", 0.5),
-                "epochs_run": metrics["epochs_run"],
-                "seconds": metrics["train_seconds"] + metrics["evaluate_seconds"],
-                **validation[run],
-            })
-    return {"set": set_name, "config": config, "changes": CONFIGS[config], "commit": commit,
-            "date": datetime.date.today().isoformat(), "wall_seconds": round(wall, 1),
-            "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPU cores, no GPU used",
-            "runs": per_run}
+        metrics = json.loads((project / "metrics" / "runs" / f"run-{run}.json").read_text())
+        test = pd.read_csv(project / "data" / "runs" / f"run-{run}" / "eval" / "predictions.csv")
+        val_labels, val_scores = validation_scores(project, run)
+    threshold = metrics.get("threshold", 0.5)
+    return {
+        "set": set_name, "config": config, "run": run, "changes": CONFIGS[config], "commit": commit,
+        "date": datetime.date.today().isoformat(), "wall_seconds": round(wall, 1),
+        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPU cores, no GPU used",
+        "balanced_accuracy": metrics["test_balanced_accuracy"],
+        "recall": metrics["test_recall"],
+        "specificity": metrics["test_specificity"],
+        "pr_auc": float(average_precision_score(test["label"], test["score"])),
+        "threshold": threshold,
+        "epochs_run": metrics["epochs_run"],
+        "seconds": metrics["train_seconds"] + metrics["evaluate_seconds"],
+        "val_balanced_accuracy": float(balanced_accuracy_score(val_labels, val_scores >= threshold)),
+        "val_pr_auc": float(average_precision_score(val_labels, val_scores)),
+        "scores": {"val": {"label": val_labels.tolist(), "score": rounded(val_scores)},
+                   "test": {"label": test["label"].tolist(), "score": rounded(test["score"].to_numpy())}},
+    }
 
 
-def read_results() -> list[dict]:
-    """Every measured cell (the latest measurement of a set x configuration wins)."""
+def read_results() -> dict[tuple[str, str], list[dict]]:
+    """Every measured run by (set, configuration), in run order; the latest measurement of a run wins. Lines
+    written before runs were recorded one by one hold a whole cell ("runs": [...]) and are read as its runs."""
     if not RESULTS_FILE.exists():
-        return []
-    cells = {}
+        return {}
+    latest: dict[tuple[str, str, int], dict] = {}
     for line in RESULTS_FILE.read_text().splitlines():
-        if line.strip():
-            cell = json.loads(line)
-            cells[(cell["set"], cell["config"])] = cell
-    return list(cells.values())
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        cell_fields = {key: value for key, value in record.items() if key != "runs"}
+        for run in record.get("runs", [record]):
+            latest[(record["set"], record["config"], run["run"])] = {**cell_fields, **run}
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for (set_name, config, _), run in sorted(latest.items()):
+        cells.setdefault((set_name, config), []).append(run)
+    return cells
 
 
-def table(cells: list[dict]) -> str:
-    """One row per cell: mean ± std over runs of each figure, in percent; seconds per run."""
+def table(cells: dict[tuple[str, str], list[dict]]) -> str:
+    """One row per cell: mean ± std over runs of each figure, in percent; seconds per run; the commit(s)."""
     def spread(values: list[float]) -> str:
         values = np.asarray(values, dtype=float) * 100
         return f"{values.mean():5.1f} ± {values.std(ddof=1) if len(values) > 1 else 0:4.1f}"
 
     rows = []
     order = {name: index for index, name in enumerate(SETS)}
-    for cell in sorted(cells, key=lambda cell: (order.get(cell["set"], 99), cell["config"] != "study", cell["config"])):
-        runs = cell["runs"]
+    for (set_name, config), runs in sorted(cells.items(), key=lambda item: (order.get(item[0][0], 99),
+                                                                             item[0][1] != "study", item[0][1])):
         rows.append({
-            "set": cell["set"], "configuration": cell["config"], "runs": len(runs),
+            "set": set_name, "configuration": config, "runs": len(runs),
             "balanced acc %": spread([run["balanced_accuracy"] for run in runs]),
             "recall %": spread([run["recall"] for run in runs]),
             "specificity %": spread([run["specificity"] for run in runs]),
             "PR-AUC %": spread([run["pr_auc"] for run in runs]),
-            "val BA %": spread([run["val_balanced_accuracy"] for run in runs]) if "val_balanced_accuracy" in runs[0]
-            else "-",
+            "val BA %": spread([run["val_balanced_accuracy"] for run in runs])
+            if all("val_balanced_accuracy" in run for run in runs) else "-",
             "s/run": f"{np.mean([run['seconds'] for run in runs]):.0f}",
-            "commit": cell["commit"],
+            "commit": ",".join(dict.fromkeys(run["commit"] for run in runs)),
         })
     return pd.DataFrame(rows).to_string(index=False) if rows else "(no results yet)"
 
@@ -191,21 +195,23 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--commit", default="HEAD", help="the checkout's commit to measure (default: HEAD)")
-    parser.add_argument("--again", action="store_true", help="measure cells already recorded again (the latest wins)")
+    parser.add_argument("--again", action="store_true", help="measure runs already recorded again (the latest wins)")
     parser.add_argument("--table", action="store_true", help="only print the table of what is measured")
     args = parser.parse_args()
     if not args.table:
-        done = set() if args.again else {(cell["set"], cell["config"]) for cell in read_results()}
+        done = set() if args.again else {(run["set"], run["config"], run["run"])
+                                         for runs in read_results().values() for run in runs}
         RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
         for set_name in args.sets:
             for config in args.configs:
-                if (set_name, config) in done:
-                    continue
-                print(f"{datetime.datetime.now():%H:%M} {set_name} / {config} ...", flush=True)
-                cell = run_cell(set_name, config, args.runs, args.commit)
-                with RESULTS_FILE.open("a") as results:
-                    results.write(json.dumps(cell) + "\n")
-                print(table([cell]), flush=True)
+                for run in range(args.runs):
+                    if (set_name, config, run) in done:
+                        continue
+                    print(f"{datetime.datetime.now():%H:%M} {set_name} / {config} / run {run} ...", flush=True)
+                    record = measure_run(set_name, config, run, args.commit)
+                    with RESULTS_FILE.open("a") as results:
+                        results.write(json.dumps(record) + "\n")
+                    print(table({(set_name, config): [record]}), flush=True)
     print("model.pretrained false (random initialisation), mean ± std over runs, test split")
     print(table(read_results()))
 

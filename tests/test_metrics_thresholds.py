@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly_pipeline.metrics import candidate_thresholds, choose_threshold, operating_points
+from anomaly_pipeline.metrics import (
+    balanced_accuracy_standard_error,
+    candidate_thresholds,
+    choose_threshold,
+    operating_points,
+)
 
 # 6 clean and 4 faulty validation images; a model that ranks them imperfectly and scores defects low (a model
 # trained on rare defects): at 0.5 only 1 of the 4 defects is caught.
@@ -22,20 +27,34 @@ def test_candidates_separate_every_pair_of_neighbouring_scores() -> None:
     assert candidates == pytest.approx([0.1, 0.4, 0.75, 0.95])
 
 
-def test_max_balanced_accuracy_picks_the_best_cut_of_the_validation_scores() -> None:
-    threshold = choose_threshold("max_balanced_accuracy", LABELS, SCORES, 0.95)
-    # Cutting between 0.10 and 0.15 calls all 4 defects and 2 of 6 clean images faulty: balanced accuracy
-    # (4/4 + 4/6) / 2 = 0.83, the best of all cuts (0.25 gives 0.79, 0.375 gives 0.75); the threshold lies
-    # halfway between the two scores.
+def test_max_balanced_accuracy_picks_the_best_cut_when_the_validation_set_can_tell() -> None:
+    # The same scores 40 times over: cutting between 0.10 and 0.15 calls all defects and 4 of 6 clean images
+    # clean, balanced accuracy (4/4 + 4/6) / 2 = 0.83, the best of all cuts (0.25 gives 0.79, 0.375 gives
+    # 0.75, 0.5 gives 0.625); with 400 images its standard error (0.02) keeps every other cut out.
+    labels, scores = np.tile(LABELS, 40), np.tile(SCORES, 40)
+    threshold = choose_threshold("max_balanced_accuracy", labels, scores, 0.95)
     assert threshold == pytest.approx(0.125)
-    called = SCORES >= threshold
-    assert called[LABELS == 1].mean() == 1 and (~called[LABELS == 0]).mean() == pytest.approx(4 / 6)
+    called = scores >= threshold
+    assert called[labels == 1].mean() == 1 and (~called[labels == 0]).mean() == pytest.approx(4 / 6)
 
 
-def test_ties_are_broken_towards_one_half() -> None:
-    labels, scores = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])
-    # Every threshold between 0.2 and 0.8 separates the classes perfectly: the candidate nearest 0.5 wins.
-    assert choose_threshold("max_balanced_accuracy", labels, scores, 0.95) == pytest.approx(0.5)
+def test_max_balanced_accuracy_does_not_chase_the_noise_of_a_small_validation_set() -> None:
+    # On the 10 images alone the best cut (0.83) has a standard error of 0.14: the cuts at 0.25 (0.79) and
+    # 0.375 (0.75) are as good within it, and 0.375 is the nearest 0.5; 0.5 itself (0.625) is not.
+    assert balanced_accuracy_standard_error(LABELS, (SCORES >= 0.125).astype(int)) == pytest.approx(0.136, abs=1e-3)
+    assert choose_threshold("max_balanced_accuracy", LABELS, SCORES, 0.95) == pytest.approx(0.375)
+
+
+def test_one_half_is_kept_when_it_is_as_good_as_the_best() -> None:
+    labels, scores = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.7, 0.9])
+    # Every threshold between 0.2 and 0.7 separates the classes perfectly: 0.5 itself, not the midpoint 0.45.
+    assert choose_threshold("max_balanced_accuracy", labels, scores, 0.95) == 0.5
+    # A third of the clean images at 0.6: 0.5 calls them faulty (0.83 against 1.0 at 0.65). On 3 + 2 images
+    # that is within the standard error (0.19) and 0.5 stays; on 30 + 20 (0.03) the cut moves above them.
+    labels, scores = np.array([0, 0, 0, 1, 1]), np.array([0.1, 0.2, 0.6, 0.7, 0.9])
+    assert choose_threshold("max_balanced_accuracy", labels, scores, 0.95) == 0.5
+    labels, scores = np.tile(labels, 10), np.tile(scores, 10)
+    assert choose_threshold("max_balanced_accuracy", labels, scores, 0.95) == pytest.approx(0.65)
 
 
 @pytest.mark.parametrize(("target", "expected"), [(0.95, 0.125), (0.75, 0.25), (0.5, 0.375), (0.25, 0.5)])
