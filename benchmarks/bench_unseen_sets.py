@@ -166,7 +166,8 @@ def read_results() -> dict[tuple[str, str], list[dict]]:
 
 
 def table(cells: dict[tuple[str, str], list[dict]]) -> str:
-    """One row per cell: mean ± std over runs of each figure, in percent; seconds per run; the commit(s)."""
+    """One row per cell: mean ± std over runs of each figure, in percent; each run's threshold; seconds per run;
+    the commit(s)."""
     def spread(values: list[float]) -> str:
         values = np.asarray(values, dtype=float) * 100
         return f"{values.mean():5.1f} ± {values.std(ddof=1) if len(values) > 1 else 0:4.1f}"
@@ -183,6 +184,7 @@ def table(cells: dict[tuple[str, str], list[dict]]) -> str:
             "PR-AUC %": spread([run["pr_auc"] for run in runs]),
             "val BA %": spread([run["val_balanced_accuracy"] for run in runs])
             if all("val_balanced_accuracy" in run for run in runs) else "-",
+            "thresholds": "/".join(f"{run['threshold']:.2f}" for run in runs),
             "s/run": f"{np.mean([run['seconds'] for run in runs]):.0f}",
             "commit": ",".join(dict.fromkeys(run["commit"] for run in runs)),
         })
