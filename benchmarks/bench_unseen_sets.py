@@ -56,11 +56,18 @@ SETS = {
 PRESET_MARK = "# robust preset"
 
 
+def readme_preset_words() -> list[str]:
+    """The README's robust preset command, split into words: its one 'dvc exp run ... # robust preset' line."""
+    lines = [line for line in (PROJECT / "README.md").read_text().splitlines() if line.rstrip().endswith(PRESET_MARK)]
+    if len(lines) != 1 or not lines[0].startswith("dvc exp run "):
+        raise ValueError(f"README.md must hold exactly one line 'dvc exp run ... {PRESET_MARK}' (found {len(lines)} "
+                         f"ending with the mark)")
+    return shlex.split(lines[0][: lines[0].rindex(PRESET_MARK)])
+
+
 def readme_preset() -> dict[str, object]:
-    """The README's robust preset: the -S changes of its one 'dvc exp run ... # robust preset' line."""
-    line = next(line for line in (PROJECT / "README.md").read_text().splitlines()
-                if line.startswith("dvc exp run ") and line.rstrip().endswith(PRESET_MARK))
-    words = shlex.split(line[: line.rindex(PRESET_MARK)])
+    """The README's robust preset: the -S changes of its command line."""
+    words = readme_preset_words()
     changes = [words[index + 1] for index, word in enumerate(words) if word == "-S"]
     return {key: yaml.safe_load(value) for key, value in (change.split("=", 1) for change in changes)}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import sys
 from pathlib import Path
 
@@ -12,11 +11,10 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.bench_unseen_sets import readme_preset
+from benchmarks.bench_unseen_sets import readme_preset, readme_preset_words
 from tests.conftest import (
     DVC,
     METAL,
-    PROJECT,
     SMALL,
     commit_all,
     copy_subset,
@@ -31,15 +29,6 @@ RARE_SUBSET = {
     "clean": [f"clean - ({n}).jpg" for n in range(1, 17)],
     "faulty": [f"crazing_{n}.jpg" for n in range(1, 5)] + [f"inclusion_{n}.jpg" for n in range(1, 3)],
 }
-PRESET_MARK = "# robust preset"
-
-
-def robust_preset_line() -> str:
-    """The README's line that holds the robust preset: a 'dvc exp run' command ending with the mark."""
-    lines = [line for line in (PROJECT / "README.md").read_text().splitlines() if line.rstrip().endswith(PRESET_MARK)]
-    assert len(lines) == 1, f"README.md must hold exactly one line ending with {PRESET_MARK!r}"
-    assert lines[0].startswith("dvc exp run ")
-    return lines[0][: -len(PRESET_MARK)].strip()
 
 
 def test_the_robust_preset_runs_as_printed_and_records_its_threshold(tmp_path: Path) -> None:
@@ -47,7 +36,7 @@ def test_the_robust_preset_runs_as_printed_and_records_its_threshold(tmp_path: P
     project = make_project(tmp_path / "project")
     write_params(project, {**SMALL, "data.dir": str(data), "runs": [0]})
     commit_all(project, "small rare-defect project")
-    words = shlex.split(robust_preset_line())
+    words = readme_preset_words()
     experiment = run([*DVC, *words[1:]], project)
 
     params = yaml.safe_load((project / "params.yaml").read_text())
