@@ -39,23 +39,21 @@ def calls_at(thresholds: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return (scores[None, :] >= thresholds[:, None]).astype(int)
 
 
-def balanced_accuracy_standard_error(labels: np.ndarray, predicted: np.ndarray) -> float:
-    """The standard error of these predictions' balanced accuracy, (recall + specificity) / 2. Each rate is
-    estimated as (hits + 1) / (images + 2), so a perfect score on a few images still has a spread."""
-    variance = 0.0
-    for label in (0, 1):
-        members = labels == label
-        rate = ((predicted[members] == label).sum() + 1) / (members.sum() + 2)
-        variance += rate * (1 - rate) / members.sum()
-    return 0.5 * float(np.sqrt(variance))
+def balanced_accuracy_gain_standard_error(labels: np.ndarray, correct: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """For each row of ``correct`` (which images a cut gets right), the standard error of its balanced accuracy's
+    difference from the ``reference`` cut's on the same images if neither were better: each image the two call
+    differently moves balanced accuracy by 1 / (2 x its class's image count), up or down alike (a paired,
+    McNemar-style comparison; images both call alike carry no information)."""
+    weights = 1 / (2 * np.bincount(labels, minlength=2)[labels])
+    return np.sqrt(((correct != reference[None, :]) * weights**2).sum(axis=1))
 
 
 def choose_threshold(rule: float | str, labels: np.ndarray, scores: np.ndarray, target_recall: float) -> float:
     """The threshold for ``rule``: a number is used as it is; 'max_balanced_accuracy' is the threshold nearest
     0.5 (0.5 itself included) whose balanced accuracy on these (validation) scores is within one standard error
-    of the best: a cut that beats 0.5 by less than the validation set's own noise is not taken (the
-    one-standard-error rule); 'target_recall' is the highest threshold that still calls at least
-    ``target_recall`` of the faulty images faulty."""
+    of the best cut's (the one-standard-error rule, on the paired difference): a cut that beats 0.5 by less than
+    the noise of the few images it calls differently is not taken; 'target_recall' is the highest threshold that
+    still calls at least ``target_recall`` of the faulty images faulty."""
     if not isinstance(rule, str):
         return float(rule)
     if len(np.unique(labels)) < 2:
@@ -66,8 +64,9 @@ def choose_threshold(rule: float | str, labels: np.ndarray, scores: np.ndarray, 
         predicted = calls_at(candidates, scores)
         quality = np.array([balanced_accuracy_score(labels, row) for row in predicted])
         best = int(np.argmax(quality))
-        margin = balanced_accuracy_standard_error(labels, predicted[best])
-        near_best = np.flatnonzero(quality >= quality[best] - margin - 1e-12)
+        correct = predicted == labels[None, :]
+        noise = balanced_accuracy_gain_standard_error(labels, correct, correct[best])
+        near_best = np.flatnonzero(quality[best] - quality <= noise + 1e-12)
         return float(candidates[near_best[np.argmin(np.abs(candidates[near_best] - 0.5))]])
     if rule == "target_recall":
         candidates = candidate_thresholds(scores)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_unseen_sets [--sets fruit elpv-rare ...] [--configs study robust ...] [--runs 3]
     python -m benchmarks.bench_unseen_sets --table
+    python -m benchmarks.bench_unseen_sets --rescore [--sets ...] [--configs robust ...]
 
 Each run of a cell (set x configuration) is a clean clone of this checkout (HEAD, or --commit) that runs
 `dvc repro` with model.pretrained false, runs [N] (run N's split, seed and model do not depend on the other
@@ -12,7 +13,10 @@ be stopped and resumed run by run. Balanced accuracy, recall and specificity are
 threshold; PR-AUC (average precision) is computed here from the run's test predictions, so cells measured
 before the pipeline reported it are comparable. Configurations are compared by the validation figures recorded
 beside (each run's balanced accuracy and PR-AUC on its own validation images), never by the test figures.
-Seconds per run = training + evaluation as the stages record them. Earlier candidates for the preset stay in
+Seconds per run = training + evaluation as the stages record them. A change of the threshold rule alone does
+not need hours of training again: --rescore chooses each recorded run's threshold again with this checkout's
+rule from its recorded validation scores and appends the test figures at it (the commit column then reads
+TRAINED>RULE). Earlier candidates for the preset stay in
 the results under their own names (preset-1, preset-2), measured at their commits.
 """
 
@@ -153,6 +157,32 @@ def measure_run(set_name: str, config: str, run: int, commit: str) -> dict:
     }
 
 
+def rule_commit() -> str:
+    """The short hash of HEAD, whose threshold rule (anomaly_pipeline/metrics.py) this checkout must hold as it is."""
+    if subprocess.run(["git", "status", "--porcelain", "anomaly_pipeline"], cwd=PROJECT, capture_output=True,
+                      text=True, check=True).stdout.strip():
+        raise SystemExit("anomaly_pipeline/ has uncommitted changes: commit them before --rescore, so that the "
+                         "rule that chose the thresholds has a commit")
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def rescore(record: dict, commit: str) -> dict:
+    """A recorded run whose threshold is chosen again by this checkout's rule, from its recorded validation
+    scores, with its test figures at that threshold: what the evaluate stage at ``commit`` computes from the
+    same model (the models do not depend on the threshold rule), without training them again."""
+    from anomaly_pipeline.metrics import choose_threshold, classification_metrics
+
+    val, test = ({key: np.asarray(values) for key, values in record["scores"][part].items()} for part in ("val", "test"))
+    threshold = choose_threshold(record["changes"]["evaluate.threshold"], val["label"], val["score"],
+                                 record["changes"].get("evaluate.target_recall", 0.95))
+    figures = classification_metrics(test["label"], test["score"], threshold)
+    return {**record, "rule_commit": commit, "date": datetime.date.today().isoformat(), "threshold": threshold,
+            "balanced_accuracy": figures["balanced_accuracy"], "recall": figures["recall"],
+            "specificity": figures["specificity"],
+            "val_balanced_accuracy": float(balanced_accuracy_score(val["label"], val["score"] >= threshold))}
+
+
 def read_results() -> dict[tuple[str, str], list[dict]]:
     """Every measured run by (set, configuration), in run order; the latest measurement of a run wins. Lines
     written before runs were recorded one by one hold a whole cell ("runs": [...]) and are read as its runs."""
@@ -193,7 +223,8 @@ def table(cells: dict[tuple[str, str], list[dict]]) -> str:
             if all("val_balanced_accuracy" in run for run in runs) else "-",
             "thresholds": "/".join(f"{run['threshold']:.2f}" for run in runs),
             "s/run": f"{np.mean([run['seconds'] for run in runs]):.0f}",
-            "commit": ",".join(dict.fromkeys(run["commit"] for run in runs)),
+            "commit": ",".join(dict.fromkeys(run["commit"] + (f">{run['rule_commit']}" if "rule_commit" in run else "")
+                                             for run in runs)),
         })
     return pd.DataFrame(rows).to_string(index=False) if rows else "(no results yet)"
 
@@ -206,8 +237,20 @@ def main() -> None:
     parser.add_argument("--commit", default="HEAD", help="the checkout's commit to measure (default: HEAD)")
     parser.add_argument("--again", action="store_true", help="measure runs already recorded again (the latest wins)")
     parser.add_argument("--table", action="store_true", help="only print the table of what is measured")
+    parser.add_argument("--rescore", action="store_true",
+                        help="choose the thresholds of recorded runs (of configurations with a threshold rule) again "
+                             "with this checkout's rule, from their recorded scores")
     args = parser.parse_args()
-    if not args.table:
+    if args.rescore:
+        commit = rule_commit()
+        with RESULTS_FILE.open("a") as results:
+            for (set_name, config), runs in read_results().items():
+                for run in runs:
+                    if (set_name in args.sets and config in args.configs and "scores" in run
+                            and isinstance(run["changes"].get("evaluate.threshold"), str)
+                            and run.get("rule_commit", run["commit"]) != commit):
+                        results.write(json.dumps(rescore(run, commit)) + "\n")
+    elif not args.table:
         done = set() if args.again else {(run["set"], run["config"], run["run"])
                                          for runs in read_results().values() for run in runs}
         RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)

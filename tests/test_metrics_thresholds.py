@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from anomaly_pipeline.metrics import (
-    balanced_accuracy_standard_error,
+    balanced_accuracy_gain_standard_error,
+    calls_at,
     candidate_thresholds,
     choose_threshold,
     operating_points,
@@ -30,7 +31,7 @@ def test_candidates_separate_every_pair_of_neighbouring_scores() -> None:
 def test_max_balanced_accuracy_picks_the_best_cut_when_the_validation_set_can_tell() -> None:
     # The same scores 40 times over: cutting between 0.10 and 0.15 calls all defects and 4 of 6 clean images
     # clean, balanced accuracy (4/4 + 4/6) / 2 = 0.83, the best of all cuts (0.25 gives 0.79, 0.375 gives
-    # 0.75, 0.5 gives 0.625); with 400 images its standard error (0.02) keeps every other cut out.
+    # 0.75, 0.5 gives 0.625); on 400 images each of those gaps is several standard errors.
     labels, scores = np.tile(LABELS, 40), np.tile(SCORES, 40)
     threshold = choose_threshold("max_balanced_accuracy", labels, scores, 0.95)
     assert threshold == pytest.approx(0.125)
@@ -38,11 +39,21 @@ def test_max_balanced_accuracy_picks_the_best_cut_when_the_validation_set_can_te
     assert called[labels == 1].mean() == 1 and (~called[labels == 0]).mean() == pytest.approx(4 / 6)
 
 
-def test_max_balanced_accuracy_does_not_chase_the_noise_of_a_small_validation_set() -> None:
-    # On the 10 images alone the best cut (0.83) has a standard error of 0.14: the cuts at 0.25 (0.79) and
-    # 0.375 (0.75) are as good within it, and 0.375 is the nearest 0.5; 0.5 itself (0.625) is not.
-    assert balanced_accuracy_standard_error(LABELS, (SCORES >= 0.125).astype(int)) == pytest.approx(0.136, abs=1e-3)
-    assert choose_threshold("max_balanced_accuracy", LABELS, SCORES, 0.95) == pytest.approx(0.375)
+def test_the_gain_is_measured_on_the_images_two_cuts_call_differently() -> None:
+    # 0.5 against the best cut (0.125) on the 10 images: 3 defects only the best catches (each 1/8 of balanced
+    # accuracy), 2 clean images only 0.5 gets right (each 1/12): gain 3/8 - 2/12 = 0.21, standard error
+    # sqrt(3/8^2 + 2/12^2) = 0.25. Images both cuts call alike do not count.
+    correct = calls_at(np.array([0.125, 0.5]), SCORES) == LABELS
+    noise = balanced_accuracy_gain_standard_error(LABELS, correct, correct[0])
+    assert noise == pytest.approx([0, np.sqrt(3 / 64 + 2 / 144)])
+
+
+@pytest.mark.parametrize(("copies", "expected"), [(1, 0.5), (2, 0.375), (10, 0.25), (40, 0.125)])
+def test_max_balanced_accuracy_does_not_chase_the_noise_of_a_small_validation_set(copies: int, expected: float) -> None:
+    # On the 10 images the best cut's gain over 0.5 (0.21) is within its standard error (0.25): 0.5 stays.
+    # With more copies of the same images the standard error shrinks, and the threshold walks to the best cut.
+    threshold = choose_threshold("max_balanced_accuracy", np.tile(LABELS, copies), np.tile(SCORES, copies), 0.95)
+    assert threshold == pytest.approx(expected)
 
 
 def test_one_half_is_kept_when_it_is_as_good_as_the_best() -> None:
@@ -50,7 +61,7 @@ def test_one_half_is_kept_when_it_is_as_good_as_the_best() -> None:
     # Every threshold between 0.2 and 0.7 separates the classes perfectly: 0.5 itself, not the midpoint 0.45.
     assert choose_threshold("max_balanced_accuracy", labels, scores, 0.95) == 0.5
     # A third of the clean images at 0.6: 0.5 calls them faulty (0.83 against 1.0 at 0.65). On 3 + 2 images
-    # that is within the standard error (0.19) and 0.5 stays; on 30 + 20 (0.03) the cut moves above them.
+    # that is one image, as large as its standard error, and 0.5 stays; on 30 + 20 the cut moves above them.
     labels, scores = np.array([0, 0, 0, 1, 1]), np.array([0.1, 0.2, 0.6, 0.7, 0.9])
     assert choose_threshold("max_balanced_accuracy", labels, scores, 0.95) == 0.5
     labels, scores = np.tile(labels, 10), np.tile(scores, 10)
