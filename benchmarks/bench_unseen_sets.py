@@ -221,6 +221,8 @@ def table(cells: dict[tuple[str, str], list[dict]]) -> str:
             "PR-AUC %": spread([run["pr_auc"] for run in runs]),
             "val BA %": spread([run["val_balanced_accuracy"] for run in runs])
             if all("val_balanced_accuracy" in run for run in runs) else "-",
+            "val PR-AUC %": spread([run["val_pr_auc"] for run in runs]) if all("val_pr_auc" in run for run in runs)
+            else "-",
             "thresholds": "/".join(f"{run['threshold']:.2f}" for run in runs),
             "s/run": f"{np.mean([run['seconds'] for run in runs]):.0f}",
             "commit": ",".join(dict.fromkeys(run["commit"] + (f">{run['rule_commit']}" if "rule_commit" in run else "")
