@@ -14,9 +14,10 @@ threshold; PR-AUC (average precision) is computed here from the run's test predi
 before the pipeline reported it are comparable. Configurations are compared by the validation figures recorded
 beside (each run's balanced accuracy and PR-AUC on its own validation images), never by the test figures.
 Seconds per run = training + evaluation as the stages record them. A change of the threshold rule alone does
-not need hours of training again: --rescore chooses each recorded run's threshold again with this checkout's
-rule from its recorded validation scores and appends the test figures at it (the commit column then reads
-TRAINED>RULE). Earlier candidates for the preset stay in
+not need hours of training again: --rescore judges every recorded model that trained as a configuration with
+a threshold rule does (its own runs; the study's runs for 'threshold') by this checkout's rule, from the run's
+recorded validation and test scores, and appends the figures (the commit column then reads TRAINED>RULE, RULE
+being the last commit that changed the rule). Earlier candidates for the preset stay in
 the results under their own names (preset-1, preset-2), measured at their commits.
 """
 
@@ -157,30 +158,60 @@ def measure_run(set_name: str, config: str, run: int, commit: str) -> dict:
     }
 
 
+RULE_SOURCE = "anomaly_pipeline/metrics.py"  # the threshold rules and the figures at a threshold
+
+
 def rule_commit() -> str:
-    """The short hash of HEAD, whose threshold rule (anomaly_pipeline/metrics.py) this checkout must hold as it is."""
-    if subprocess.run(["git", "status", "--porcelain", "anomaly_pipeline"], cwd=PROJECT, capture_output=True,
-                      text=True, check=True).stdout.strip():
-        raise SystemExit("anomaly_pipeline/ has uncommitted changes: commit them before --rescore, so that the "
-                         "rule that chose the thresholds has a commit")
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    """The short hash of the last commit that changed the threshold rules; they must be as committed here."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT, capture_output=True, text=True, check=True).stdout.strip()
+
+    if git("status", "--porcelain", RULE_SOURCE):
+        raise SystemExit(f"{RULE_SOURCE} has uncommitted changes: commit them before --rescore, so that the rule "
+                         "that chose the thresholds has a commit")
+    return git("log", "-1", "--format=%h", "--", RULE_SOURCE)
 
 
-def rescore(record: dict, commit: str) -> dict:
-    """A recorded run whose threshold is chosen again by this checkout's rule, from its recorded validation
-    scores, with its test figures at that threshold: what the evaluate stage at ``commit`` computes from the
-    same model (the models do not depend on the threshold rule), without training them again."""
+def training_changes(changes: dict[str, object]) -> dict[str, object]:
+    """The parameter changes that reach the trained models (every one but the evaluate stage's)."""
+    return {key: value for key, value in changes.items() if not key.startswith("evaluate.")}
+
+
+def rescore(record: dict, config: str, commit: str) -> dict:
+    """A recorded run's model judged as ``config`` judges it: the threshold chosen by this checkout's rule from
+    the run's recorded validation scores, and the test figures at that threshold. This is what the evaluate stage
+    at ``commit`` computes from the same model: ``config`` trains exactly as the recorded run did."""
     from anomaly_pipeline.metrics import choose_threshold, classification_metrics
 
+    changes = CONFIGS[config]
     val, test = ({key: np.asarray(values) for key, values in record["scores"][part].items()} for part in ("val", "test"))
-    threshold = choose_threshold(record["changes"]["evaluate.threshold"], val["label"], val["score"],
-                                 record["changes"].get("evaluate.target_recall", 0.95))
+    threshold = choose_threshold(changes["evaluate.threshold"], val["label"], val["score"],
+                                 changes.get("evaluate.target_recall", 0.95))
     figures = classification_metrics(test["label"], test["score"], threshold)
-    return {**record, "rule_commit": commit, "date": datetime.date.today().isoformat(), "threshold": threshold,
+    return {**record, "config": config, "changes": changes, "rescored_from": record["config"],
+            "rule_commit": commit, "date": datetime.date.today().isoformat(), "threshold": threshold,
             "balanced_accuracy": figures["balanced_accuracy"], "recall": figures["recall"],
             "specificity": figures["specificity"],
             "val_balanced_accuracy": float(balanced_accuracy_score(val["label"], val["score"] >= threshold))}
+
+
+def rescored_runs(sets: list[str], configs: list[str], commit: str) -> list[dict]:
+    """Each configuration with a threshold rule, on each set, rescored by ``commit``'s rule from every recorded
+    run (with scores) that trained as it does: its own runs first, then e.g. the study's runs for 'threshold'."""
+    cells = read_results()
+    records = []
+    for config in (name for name in configs if isinstance(CONFIGS[name].get("evaluate.threshold"), str)):
+        for set_name in sets:
+            done = {run["run"] for run in cells.get((set_name, config), []) if run.get("rule_commit") == commit}
+            sources = sorted((name for name in {name for cell_set, name in cells if cell_set == set_name}),
+                             key=lambda name: name != config)
+            for source in sources:
+                for run in cells[(set_name, source)]:
+                    if ("scores" in run and run["run"] not in done
+                            and training_changes(run["changes"]) == training_changes(CONFIGS[config])):
+                        records.append(rescore(run, config, commit))
+                        done.add(run["run"])
+    return records
 
 
 def read_results() -> dict[tuple[str, str], list[dict]]:
@@ -240,18 +271,13 @@ def main() -> None:
     parser.add_argument("--again", action="store_true", help="measure runs already recorded again (the latest wins)")
     parser.add_argument("--table", action="store_true", help="only print the table of what is measured")
     parser.add_argument("--rescore", action="store_true",
-                        help="choose the thresholds of recorded runs (of configurations with a threshold rule) again "
-                             "with this checkout's rule, from their recorded scores")
+                        help="judge recorded models as each configuration with a threshold rule does, with this "
+                             "checkout's rule, from their recorded scores (no training)")
     args = parser.parse_args()
     if args.rescore:
-        commit = rule_commit()
+        records = rescored_runs(args.sets, args.configs, rule_commit())
         with RESULTS_FILE.open("a") as results:
-            for (set_name, config), runs in read_results().items():
-                for run in runs:
-                    if (set_name in args.sets and config in args.configs and "scores" in run
-                            and isinstance(run["changes"].get("evaluate.threshold"), str)
-                            and run.get("rule_commit", run["commit"]) != commit):
-                        results.write(json.dumps(rescore(run, commit)) + "\n")
+            results.writelines(json.dumps(record) + "\n" for record in records)
     elif not args.table:
         done = set() if args.again else {(run["set"], run["config"], run["run"])
                                          for runs in read_results().values() for run in runs}
