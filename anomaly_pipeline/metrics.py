@@ -34,18 +34,28 @@ def candidate_thresholds(scores: np.ndarray) -> np.ndarray:
     return np.concatenate([[distinct[0] / 2], (distinct[:-1] + distinct[1:]) / 2, [(distinct[-1] + 1) / 2]])
 
 
-def calls_at(thresholds: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """One row per threshold: 1 where an image is called faulty at it (score >= threshold), else 0."""
-    return (scores[None, :] >= thresholds[:, None]).astype(int)
+def recall_and_specificity_at(thresholds: np.ndarray, labels: np.ndarray,
+                              scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Recall and specificity at each threshold (an image is faulty when its score is >= it), from sorted
+    scores: memory and time grow with the number of thresholds, not with thresholds x images."""
+    faulty, clean = np.sort(scores[labels == 1]), np.sort(scores[labels == 0])
+    recall = 1 - np.searchsorted(faulty, thresholds, side="left") / len(faulty)
+    return recall, np.searchsorted(clean, thresholds, side="left") / len(clean)
 
 
-def balanced_accuracy_gain_standard_error(labels: np.ndarray, correct: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """For each row of ``correct`` (which images a cut gets right), the standard error of its balanced accuracy's
-    difference from the ``reference`` cut's on the same images if neither were better: each image the two call
-    differently moves balanced accuracy by 1 / (2 x its class's image count), up or down alike (a paired,
-    McNemar-style comparison; images both call alike carry no information)."""
-    weights = 1 / (2 * np.bincount(labels, minlength=2)[labels])
-    return np.sqrt(((correct != reference[None, :]) * weights**2).sum(axis=1))
+def balanced_accuracy_gain_standard_error(thresholds: np.ndarray, reference: float, labels: np.ndarray,
+                                          scores: np.ndarray) -> np.ndarray:
+    """For each threshold, the standard error of the difference between its balanced accuracy and the
+    ``reference`` threshold's on the same images if neither were better. Only the images the two call
+    differently (scores between them) count, each moving balanced accuracy by 1 / (2 x its class's image
+    count), up or down alike: a paired, McNemar-style comparison."""
+    low, high = np.minimum(thresholds, reference), np.maximum(thresholds, reference)
+    variance = np.zeros(len(thresholds))
+    for label in (0, 1):
+        members = np.sort(scores[labels == label])
+        between = np.searchsorted(members, high, side="left") - np.searchsorted(members, low, side="left")
+        variance += between / (2 * len(members)) ** 2
+    return np.sqrt(variance)
 
 
 def choose_threshold(rule: float | str, labels: np.ndarray, scores: np.ndarray, target_recall: float) -> float:
@@ -59,19 +69,19 @@ def choose_threshold(rule: float | str, labels: np.ndarray, scores: np.ndarray, 
     if len(np.unique(labels)) < 2:
         log.warning("the validation images hold one class only: threshold rule %s cannot apply, using 0.5", rule)
         return 0.5
+    candidates = candidate_thresholds(scores)
     if rule == "max_balanced_accuracy":
-        candidates = np.append(candidate_thresholds(scores), 0.5)
-        predicted = calls_at(candidates, scores)
-        quality = np.array([balanced_accuracy_score(labels, row) for row in predicted])
-        best = int(np.argmax(quality))
-        correct = predicted == labels[None, :]
-        noise = balanced_accuracy_gain_standard_error(labels, correct, correct[best])
-        near_best = np.flatnonzero(quality[best] - quality <= noise + 1e-12)
-        return float(candidates[near_best[np.argmin(np.abs(candidates[near_best] - 0.5))]])
+        candidates = np.append(candidates, 0.5)
+        quality = np.mean(recall_and_specificity_at(candidates, labels, scores), axis=0)
+
+        def nearest_one_half(indices: np.ndarray) -> float:
+            return float(candidates[indices[np.argmin(np.abs(candidates[indices] - 0.5))]])
+
+        best = nearest_one_half(np.flatnonzero(quality >= quality.max() - 1e-12))  # of cuts tied for the best
+        noise = balanced_accuracy_gain_standard_error(candidates, best, labels, scores)
+        return nearest_one_half(np.flatnonzero(quality.max() - quality <= noise + 1e-12))
     if rule == "target_recall":
-        candidates = candidate_thresholds(scores)
-        predicted = calls_at(candidates, scores)
-        recall = np.array([recall_score(labels, row, zero_division=0) for row in predicted])
+        recall, _ = recall_and_specificity_at(candidates, labels, scores)
         return float(candidates[np.flatnonzero(recall >= target_recall - 1e-12).max()])
     raise ValueError(f"unknown threshold rule {rule!r}")
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import balanced_accuracy_score
 
 from anomaly_pipeline.metrics import (
     balanced_accuracy_gain_standard_error,
-    calls_at,
     candidate_thresholds,
     choose_threshold,
     operating_points,
+    recall_and_specificity_at,
 )
 
 # 6 clean and 4 faulty validation images; a model that ranks them imperfectly and scores defects low (a model
@@ -43,9 +44,15 @@ def test_the_gain_is_measured_on_the_images_two_cuts_call_differently() -> None:
     # 0.5 against the best cut (0.125) on the 10 images: 3 defects only the best catches (each 1/8 of balanced
     # accuracy), 2 clean images only 0.5 gets right (each 1/12): gain 3/8 - 2/12 = 0.21, standard error
     # sqrt(3/8^2 + 2/12^2) = 0.25. Images both cuts call alike do not count.
-    correct = calls_at(np.array([0.125, 0.5]), SCORES) == LABELS
-    noise = balanced_accuracy_gain_standard_error(LABELS, correct, correct[0])
+    noise = balanced_accuracy_gain_standard_error(np.array([0.125, 0.5]), 0.125, LABELS, SCORES)
     assert noise == pytest.approx([0, np.sqrt(3 / 64 + 2 / 144)])
+
+
+def test_balanced_accuracy_is_counted_from_sorted_scores_as_sklearn_counts_it() -> None:
+    thresholds = np.append(candidate_thresholds(SCORES), 0.5)
+    recall, specificity = recall_and_specificity_at(thresholds, LABELS, SCORES)
+    expected = [balanced_accuracy_score(LABELS, (SCORES >= threshold).astype(int)) for threshold in thresholds]
+    assert (recall + specificity) / 2 == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(("copies", "expected"), [(1, 0.5), (2, 0.375), (10, 0.25), (40, 0.125)])
