@@ -182,11 +182,13 @@ def rescore(record: dict, config: str, commit: str) -> dict:
     the run's recorded validation scores, and the test figures at that threshold. This is what the evaluate stage
     at ``commit`` computes from the same model: ``config`` trains exactly as the recorded run did."""
     from anomaly_pipeline.metrics import choose_threshold, classification_metrics
+    from anomaly_pipeline.params import load_params
 
     changes = CONFIGS[config]
     val, test = ({key: np.asarray(values) for key, values in record["scores"][part].items()} for part in ("val", "test"))
     threshold = choose_threshold(changes["evaluate.threshold"], val["label"], val["score"],
-                                 changes.get("evaluate.target_recall", 0.95))
+                                 changes.get("evaluate.target_recall",
+                                             load_params(PROJECT / "params.yaml").evaluate.target_recall))
     figures = classification_metrics(test["label"], test["score"], threshold)
     return {**record, "config": config, "changes": changes, "rescored_from": record["config"],
             "rule_commit": commit, "date": datetime.date.today().isoformat(), "threshold": threshold,
@@ -203,8 +205,7 @@ def rescored_runs(sets: list[str], configs: list[str], commit: str) -> list[dict
     for config in (name for name in configs if isinstance(CONFIGS[name].get("evaluate.threshold"), str)):
         for set_name in sets:
             done = {run["run"] for run in cells.get((set_name, config), []) if run.get("rule_commit") == commit}
-            sources = sorted((name for name in {name for cell_set, name in cells if cell_set == set_name}),
-                             key=lambda name: name != config)
+            sources = sorted({name for cell_set, name in cells if cell_set == set_name}, key=lambda name: name != config)
             for source in sources:
                 for run in cells[(set_name, source)]:
                     if ("scores" in run and run["run"] not in done
