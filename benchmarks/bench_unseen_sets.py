@@ -40,8 +40,9 @@ import numpy as np
 import pandas as pd
 import psutil
 import yaml
-from sklearn.metrics import average_precision_score, balanced_accuracy_score
+from sklearn.metrics import average_precision_score
 
+from anomaly_pipeline.metrics import choose_threshold, classification_metrics
 from benchmarks.bench_fast_preset import clone_with_params
 from benchmarks.elpv_folders import write_folders
 
@@ -151,7 +152,7 @@ def measure_run(set_name: str, config: str, run: int, commit: str) -> dict:
         "threshold": threshold,
         "epochs_run": metrics["epochs_run"],
         "seconds": metrics["train_seconds"] + metrics["evaluate_seconds"],
-        "val_balanced_accuracy": float(balanced_accuracy_score(val_labels, val_scores >= threshold)),
+        "val_balanced_accuracy": classification_metrics(val_labels, val_scores, threshold)["balanced_accuracy"],
         "val_pr_auc": float(average_precision_score(val_labels, val_scores)),
         "scores": {"val": {"label": val_labels.tolist(), "score": rounded(val_scores)},
                    "test": {"label": test["label"].tolist(), "score": rounded(test["score"].to_numpy())}},
@@ -181,7 +182,6 @@ def rescore(record: dict, config: str, commit: str) -> dict:
     """A recorded run's model judged as ``config`` judges it: the threshold chosen by this checkout's rule from
     the run's recorded validation scores, and the test figures at that threshold. This is what the evaluate stage
     at ``commit`` computes from the same model: ``config`` trains exactly as the recorded run did."""
-    from anomaly_pipeline.metrics import choose_threshold, classification_metrics
     from anomaly_pipeline.params import load_params
 
     changes = CONFIGS[config]
@@ -194,7 +194,7 @@ def rescore(record: dict, config: str, commit: str) -> dict:
             "rule_commit": commit, "date": datetime.date.today().isoformat(), "threshold": threshold,
             "balanced_accuracy": figures["balanced_accuracy"], "recall": figures["recall"],
             "specificity": figures["specificity"],
-            "val_balanced_accuracy": float(balanced_accuracy_score(val["label"], val["score"] >= threshold))}
+            "val_balanced_accuracy": classification_metrics(val["label"], val["score"], threshold)["balanced_accuracy"]}
 
 
 def rescored_runs(sets: list[str], configs: list[str], commit: str) -> list[dict]:
