@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,9 @@ RESULTS_FILE = PROJECT / "benchmarks" / "results" / "unseen_sets.jsonl"
 SHARED = PROJECT.parent / "shared" / "datasets"
 # Built from the installed elpv-dataset package when missing (never inside the repository).
 BUILT_SETS = Path(os.environ.get("ANOMALY_BENCH_DATA", PROJECT.parent / "bench-data"))
+# Each measured run's folder (split lists, trained model, test predictions) is kept here, so that later
+# evaluation-time ideas can be tried on the same models without training them again (never inside the repository).
+KEPT_RUNS = Path(os.environ.get("ANOMALY_BENCH_RUNS", PROJECT.parent / "bench-runs"))
 
 # Set name -> (folder, negative class, positive class).
 SETS = {
@@ -140,6 +144,9 @@ def measure_run(set_name: str, config: str, run: int, commit: str) -> dict:
         metrics = json.loads((project / "metrics" / "runs" / f"run-{run}.json").read_text())
         test = pd.read_csv(project / "data" / "runs" / f"run-{run}" / "eval" / "predictions.csv")
         val_labels, val_scores = validation_scores(project, run)
+        kept = KEPT_RUNS / set_name / config / f"run-{run}"
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(project / "data" / "runs" / f"run-{run}", kept)
     threshold = metrics.get("threshold", 0.5)
     return {
         "set": set_name, "config": config, "run": run, "changes": CONFIGS[config], "commit": commit,
@@ -154,6 +161,7 @@ def measure_run(set_name: str, config: str, run: int, commit: str) -> dict:
         "seconds": metrics["train_seconds"] + metrics["evaluate_seconds"],
         "val_balanced_accuracy": classification_metrics(val_labels, val_scores, threshold)["balanced_accuracy"],
         "val_pr_auc": float(average_precision_score(val_labels, val_scores)),
+        "kept": str(kept),
         "scores": {"val": {"label": val_labels.tolist(), "score": rounded(val_scores)},
                    "test": {"label": test["label"].tolist(), "score": rounded(test["score"].to_numpy())}},
     }
