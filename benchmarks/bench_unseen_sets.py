@@ -186,17 +186,14 @@ def training_changes(changes: dict[str, object]) -> dict[str, object]:
     return {key: value for key, value in changes.items() if not key.startswith("evaluate.")}
 
 
-def rescore(record: dict, config: str, commit: str) -> dict:
+def rescore(record: dict, config: str, commit: str, default_target_recall: float) -> dict:
     """A recorded run's model judged as ``config`` judges it: the threshold chosen by this checkout's rule from
     the run's recorded validation scores, and the test figures at that threshold. This is what the evaluate stage
     at ``commit`` computes from the same model: ``config`` trains exactly as the recorded run did."""
-    from anomaly_pipeline.params import load_params
-
     changes = CONFIGS[config]
     val, test = ({key: np.asarray(values) for key, values in record["scores"][part].items()} for part in ("val", "test"))
     threshold = choose_threshold(changes["evaluate.threshold"], val["label"], val["score"],
-                                 changes.get("evaluate.target_recall",
-                                             load_params(PROJECT / "params.yaml").evaluate.target_recall))
+                                 changes.get("evaluate.target_recall", default_target_recall))
     figures = classification_metrics(test["label"], test["score"], threshold)
     return {**record, "config": config, "changes": changes, "rescored_from": record["config"],
             "rule_commit": commit, "date": datetime.date.today().isoformat(), "threshold": threshold,
@@ -208,6 +205,9 @@ def rescore(record: dict, config: str, commit: str) -> dict:
 def rescored_runs(sets: list[str], configs: list[str], commit: str) -> list[dict]:
     """Each configuration with a threshold rule, on each set, rescored by ``commit``'s rule from every recorded
     run (with scores) that trained as it does: its own runs first, then e.g. the study's runs for 'threshold'."""
+    from anomaly_pipeline.params import load_params
+
+    default_target_recall = load_params(PROJECT / "params.yaml").evaluate.target_recall
     cells = read_results()
     records = []
     for config in (name for name in configs if isinstance(CONFIGS[name].get("evaluate.threshold"), str)):
@@ -218,7 +218,7 @@ def rescored_runs(sets: list[str], configs: list[str], commit: str) -> list[dict
                 for run in cells[(set_name, source)]:
                     if ("scores" in run and run["run"] not in done
                             and training_changes(run["changes"]) == training_changes(CONFIGS[config])):
-                        records.append(rescore(run, config, commit))
+                        records.append(rescore(run, config, commit, default_target_recall))
                         done.add(run["run"])
     return records
 
