@@ -34,25 +34,30 @@ def candidate_thresholds(scores: np.ndarray) -> np.ndarray:
     return np.concatenate([[distinct[0] / 2], (distinct[:-1] + distinct[1:]) / 2, [(distinct[-1] + 1) / 2]])
 
 
-def recall_and_specificity_at(thresholds: np.ndarray, labels: np.ndarray,
-                              scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Recall and specificity at each threshold (an image is faulty when its score is >= it), from sorted
-    scores: memory and time grow with the number of thresholds, not with thresholds x images."""
-    faulty, clean = np.sort(scores[labels == 1]), np.sort(scores[labels == 0])
+def sorted_class_scores(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The clean images' scores and the faulty images' scores, each sorted: the threshold rules count from these
+    (memory and time grow with the number of thresholds, not with thresholds x images)."""
+    return np.sort(scores[labels == 0]), np.sort(scores[labels == 1])
+
+
+def recall_and_specificity_at(thresholds: np.ndarray, clean: np.ndarray,
+                              faulty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Recall and specificity at each threshold (an image is faulty when its score is >= it), from each class's
+    sorted scores (``sorted_class_scores``)."""
     recall = 1 - np.searchsorted(faulty, thresholds, side="left") / len(faulty)
     return recall, np.searchsorted(clean, thresholds, side="left") / len(clean)
 
 
-def balanced_accuracy_gain_standard_error(thresholds: np.ndarray, reference: float, labels: np.ndarray,
-                                          scores: np.ndarray) -> np.ndarray:
+def balanced_accuracy_gain_standard_error(thresholds: np.ndarray, reference: float, clean: np.ndarray,
+                                          faulty: np.ndarray) -> np.ndarray:
     """For each threshold, the standard error of the difference between its balanced accuracy and the
     ``reference`` threshold's on the same images if neither were better. Only the images the two call
     differently (scores between them) count, each moving balanced accuracy by 1 / (2 x its class's image
-    count), up or down alike: a paired, McNemar-style comparison."""
+    count), up or down alike: a paired, McNemar-style comparison. ``clean`` and ``faulty``: each class's sorted
+    scores (``sorted_class_scores``)."""
     low, high = np.minimum(thresholds, reference), np.maximum(thresholds, reference)
     variance = np.zeros(len(thresholds))
-    for label in (0, 1):
-        members = np.sort(scores[labels == label])
+    for members in (clean, faulty):
         between = np.searchsorted(members, high, side="left") - np.searchsorted(members, low, side="left")
         variance += between / (2 * len(members)) ** 2
     return np.sqrt(variance)
@@ -70,18 +75,19 @@ def choose_threshold(rule: float | str, labels: np.ndarray, scores: np.ndarray, 
         log.warning("the validation images hold one class only: threshold rule %s cannot apply, using 0.5", rule)
         return 0.5
     candidates = candidate_thresholds(scores)
+    clean, faulty = sorted_class_scores(labels, scores)
     if rule == "max_balanced_accuracy":
         candidates = np.append(candidates, 0.5)
-        quality = np.mean(recall_and_specificity_at(candidates, labels, scores), axis=0)
+        quality = np.mean(recall_and_specificity_at(candidates, clean, faulty), axis=0)
 
         def nearest_one_half(indices: np.ndarray) -> float:
             return float(candidates[indices[np.argmin(np.abs(candidates[indices] - 0.5))]])
 
         best = nearest_one_half(np.flatnonzero(quality >= quality.max() - 1e-12))  # of cuts tied for the best
-        noise = balanced_accuracy_gain_standard_error(candidates, best, labels, scores)
+        noise = balanced_accuracy_gain_standard_error(candidates, best, clean, faulty)
         return nearest_one_half(np.flatnonzero(quality.max() - quality <= noise + 1e-12))
     if rule == "target_recall":
-        recall, _ = recall_and_specificity_at(candidates, labels, scores)
+        recall, _ = recall_and_specificity_at(candidates, clean, faulty)
         return float(candidates[np.flatnonzero(recall >= target_recall - 1e-12).max()])
     raise ValueError(f"unknown threshold rule {rule!r}")
 

@@ -12,6 +12,7 @@ from anomaly_pipeline.metrics import (
     choose_threshold,
     operating_points,
     recall_and_specificity_at,
+    sorted_class_scores,
 )
 
 # 6 clean and 4 faulty validation images; a model that ranks them imperfectly and scores defects low (a model
@@ -44,13 +45,14 @@ def test_the_gain_is_measured_on_the_images_two_cuts_call_differently() -> None:
     # 0.5 against the best cut (0.125) on the 10 images: 3 defects only the best catches (each 1/8 of balanced
     # accuracy), 2 clean images only 0.5 gets right (each 1/12): gain 3/8 - 2/12 = 0.21, standard error
     # sqrt(3/8^2 + 2/12^2) = 0.25. Images both cuts call alike do not count.
-    noise = balanced_accuracy_gain_standard_error(np.array([0.125, 0.5]), 0.125, LABELS, SCORES)
+    noise = balanced_accuracy_gain_standard_error(np.array([0.125, 0.5]), 0.125,
+                                                  *sorted_class_scores(LABELS, SCORES))
     assert noise == pytest.approx([0, np.sqrt(3 / 64 + 2 / 144)])
 
 
 def test_balanced_accuracy_is_counted_from_sorted_scores_as_sklearn_counts_it() -> None:
     thresholds = np.append(candidate_thresholds(SCORES), 0.5)
-    recall, specificity = recall_and_specificity_at(thresholds, LABELS, SCORES)
+    recall, specificity = recall_and_specificity_at(thresholds, *sorted_class_scores(LABELS, SCORES))
     expected = [balanced_accuracy_score(LABELS, (SCORES >= threshold).astype(int)) for threshold in thresholds]
     assert (recall + specificity) / 2 == pytest.approx(expected)
 
