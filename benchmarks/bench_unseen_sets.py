@@ -109,6 +109,20 @@ def set_folder(name: str) -> tuple[Path, str, str]:
     return folder, negative, positive
 
 
+def machine() -> str:
+    """The CPU as far as it decides the figures: its model and the kernels torch picked for it. A run is
+    bit-identical on one machine; on another, other kernels can change the last digits, which training can grow
+    into another best epoch (benchmarks/README.md)."""
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    model = names[0] if names else platform.processor() or platform.machine()
+    return (f"{model}, torch CPU kernels {torch.backends.cpu.get_cpu_capability()}, {psutil.cpu_count()} CPU cores, "
+            "no GPU used")
+
+
 def validation_scores(project: Path, run: int) -> tuple[np.ndarray, np.ndarray]:
     """Run ``run``'s validation labels and scores, by its trained model as the evaluate stage scores them."""
     from anomaly_pipeline.inputs import ModelInputs
@@ -157,7 +171,7 @@ def measure_run(set_name: str, config: str, run: int, commit: str) -> dict:
     return {
         "set": set_name, "config": config, "run": run, "changes": CONFIGS[config], "commit": commit,
         "date": datetime.date.today().isoformat(), "wall_seconds": round(wall, 1),
-        "machine": f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPU cores, no GPU used",
+        "machine": machine(),
         "balanced_accuracy": metrics["test_balanced_accuracy"],
         "recall": metrics["test_recall"],
         "specificity": metrics["test_specificity"],
