@@ -83,16 +83,17 @@ def readme_preset() -> dict[str, object]:
 
 
 # Configuration name -> parameter changes on top of params.yaml (the study's method). "robust" is the README's
-# robust preset; the others are options one at a time.
+# robust preset, "robust-..." candidates for the next one; the others are options one at a time.
+ROBUST = readme_preset()
 CONFIGS: dict[str, dict[str, object]] = {
     "study": {},
-    "robust": readme_preset(),
+    "robust": ROBUST,
     # The next preset candidate: the same with a training cap of 30 epochs (every robust run on fruit and elpv and 2
     # of 3 on metal-surface stopped at the cap of 15; early stopping still keeps the best-validation weights).
-    "robust-cap30": {**readme_preset(), "train.max_epochs": 30},
+    "robust-cap30": {**ROBUST, "train.max_epochs": 30},
     # The robust preset at the elpv cells' own size (300 px instead of 224: thin cracks keep more pixels; about 1.8x
     # the arithmetic).
-    "robust-300px": {**readme_preset(), "model.image_size": 300},
+    "robust-300px": {**ROBUST, "model.image_size": 300},
     "sampler": {"train.class_balance": "sampler"},
     "weighted_loss": {"train.class_balance": "weighted_loss"},
     "augment": {"train.augment": ["flip", "rotate90"]},
@@ -112,7 +113,7 @@ def set_folder(name: str) -> tuple[Path, str, str]:
 def machine() -> str:
     """The CPU as far as it decides the figures: its model and the kernels torch picked for it. A run is
     bit-identical on one machine; on another, other kernels can change the last digits, which training can grow
-    into another best epoch (benchmarks/README.md)."""
+    into another best epoch (README.md, "Determinism and interruptions")."""
     import torch
 
     cpuinfo = Path("/proc/cpuinfo")
