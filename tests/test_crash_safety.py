@@ -29,11 +29,17 @@ def project(tmp_path: Path, metal_subset: Path) -> Path:
     return path
 
 
+def default_ctrl_c() -> None:
+    """Ctrl-C as a terminal delivers it, even where pytest was started in the background by a shell (which sets
+    SIGINT to ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_long_repro(project: Path, data_dir: Path) -> subprocess.Popen:
     """Start ``dvc repro`` with a training far too long to end before the test interrupts it."""
     write_params(project, project_params(data_dir, epochs=10_000))
     return subprocess.Popen([*DVC, "repro"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True, preexec_fn=default_ctrl_c)
 
 
 def read_until(process: subprocess.Popen, marker: str, timeout: float = 300) -> str:
