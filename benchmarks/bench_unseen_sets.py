@@ -88,8 +88,8 @@ ROBUST = readme_preset()
 CONFIGS: dict[str, dict[str, object]] = {
     "study": {},
     "robust": ROBUST,
-    # A preset candidate (not preferred on elpv): the same with a training cap of 30 epochs (every robust run on fruit and elpv and 2
-    # of 3 on metal-surface stopped at the cap of 15; early stopping still keeps the best-validation weights).
+    # A preset candidate, not preferred on elpv: the same with a training cap of 30 epochs (every robust run on fruit
+    # and elpv and 2 of 3 on metal-surface stopped at the cap of 15; early stopping keeps the best-validation weights).
     "robust-cap30": {**ROBUST, "train.max_epochs": 30},
     # The robust preset at the elpv cells' own size (300 px instead of 224: thin cracks keep more pixels; about 1.8x
     # the arithmetic).
