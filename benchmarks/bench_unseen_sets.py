@@ -94,8 +94,8 @@ CONFIGS: dict[str, dict[str, object]] = {
     # The robust preset at the elpv cells' own size (300 px instead of 224: thin cracks keep more pixels; about 1.8x
     # the arithmetic).
     "robust-300px": {**ROBUST, "model.image_size": 300},
-    # The cap of 30 with twice the patience: on elpv-rare's 21 validation defects the validation loss jumps between
-    # epochs, and robust-300px runs stopped after 7 epochs with the training loss near chance.
+    # The cap of 30 with twice the patience (on elpv-rare's 21 validation defects the validation loss jumps between
+    # epochs). Not adopted: the scheduler has cut the learning rate by then, and 5 of 6 runs kept the same weights.
     "robust-cap30-patience6": {**ROBUST, "train.max_epochs": 30, "train.patience": 6},
     "sampler": {"train.class_balance": "sampler"},
     "weighted_loss": {"train.class_balance": "weighted_loss"},
