@@ -1,11 +1,15 @@
 """Training and evaluation speed and memory: this project's loop against the study's, on the same images.
 
-    python benchmarks/bench_training.py ../shared/datasets/metal-surface [--epochs 2] [--image-size 224]
+    python -m benchmarks.bench_training ../shared/datasets/metal-surface [--epochs 2] [--repeats 3] [--image-size 224]
 
 Each loop runs in its own process (so peak RSS is its own) on run 0's split of the data, random
-initialisation, batch 32, Adam 1e-3. Printed per loop: images/s for training and evaluation, seconds
-per epoch, training GFLOP/s (FlopCounterMode) against the CPU's fp32 matmul GFLOP/s, the estimated
-seconds of a whole run (epochs x epoch time + evaluation + image copying) and peak RSS; then the ratios,
+initialisation, batch 32, Adam 1e-3; the loops take turns, ``--repeats`` rounds, and each figure is the median
+over the rounds with its spread (lowest-highest). A process's seconds per epoch are those of its epochs after the
+first (the first also pays for warm-up). It refuses to time a busy machine (load average above 1.5) unless
+``--busy`` is given, and then flags the figures. Printed per loop: seconds per epoch, page faults per training step
+after the first epoch, images/s for training and evaluation, training GFLOP/s (FlopCounterMode) against the CPU's
+fp32 matmul GFLOP/s, the estimated seconds of a whole run (epochs x epoch time + evaluation + image copying) and
+peak RSS; then the ratios (per round, study's loop / ours),
 what each part of each loop adds to its peak RSS (imports, data, model, first epoch, later epochs,
 evaluation), what importing the train stage's libraries costs, where a training step of this project's loop
 spends its time (torch.profiler: data, forward, backward, optimizer; convolution, batch norm, ...) and what
@@ -15,26 +19,34 @@ The baseline follows the study's loop as its description gives it: every image d
 disk in every epoch, NCHW training, evaluation one image at a time, every split image copied into the
 run folder. This project's loop, as its stages run it: images decoded once into the decode stage's store and
 read a batch at a time, channels_last, batched evaluation under inference_mode, only misclassified images
-copied, freed memory handed back to the system (anomaly_pipeline.entry.return_freed_memory).
+copied, freed memory handed back to the system and large blocks on transparent huge pages
+(anomaly_pipeline.entry). Two more loops show what that allocator setting is worth: ``ours-4k`` hands freed
+memory back on 4 KiB pages (main before huge pages), ``ours-heap`` leaves glibc as it is (freed blocks stay on the
+heap).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from anomaly_pipeline.entry import peak_rss_mb, return_freed_memory
+from anomaly_pipeline.entry import peak_rss_mb, return_freed_memory, use_huge_pages
 from anomaly_pipeline.images import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_pipeline.model import build_model, predict_scores, seed_everything
 from anomaly_pipeline.layout import StoreFiles
@@ -43,11 +55,33 @@ from anomaly_pipeline.split import make_split
 from anomaly_pipeline.store import ImageStore, build_store
 from anomaly_pipeline.tensors import load_images, normalize
 from anomaly_pipeline.training import train_one_epoch
+from benchmarks.machine import QUIET_LOAD, load_average, machine
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 BATCH = 32
 EPOCHS_PER_RUN = 13.8  # mean epochs of the recorded 10-run result (metrics/summary.json, random init)
+# How each loop's process gets its memory: study = glibc as it is (the study's code does nothing about it).
+LOOPS = {"study": "glibc as it is", "ours": "as the stages: freed memory returned, huge pages",
+         "ours-4k": "freed memory returned on 4 KiB pages", "ours-heap": "glibc as it is"}
+
+
+class EpochClock:
+    """Seconds and minor page faults of each epoch of a loop; ``later`` summarises the epochs after the first."""
+
+    def __init__(self, batches_per_epoch: int) -> None:
+        self.batches, self.seconds, self.faults = batches_per_epoch, [], []
+
+    def epoch(self, train: Callable[[], object]) -> None:
+        faults, started = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        train()
+        self.seconds.append(time.perf_counter() - started)
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+
+    def later(self) -> dict[str, float]:
+        """Median seconds per epoch and page faults per training step, over the epochs after the first."""
+        seconds, faults = self.seconds[1:] or self.seconds, self.faults[1:] or self.faults
+        return {"epoch_s": statistics.median(seconds), "faults_per_step": statistics.median(faults) / self.batches}
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -99,10 +133,14 @@ class MemoryTrace:
         return {name: value - previous for name, value, previous in zip(self.points, values, [0.0, *values])}
 
 
-def ours(data_dir: Path, epochs: int, size: int) -> dict:
+def ours(data_dir: Path, epochs: int, size: int, loop: str = "ours") -> dict:
     """This project's loop: the decode stage's store (anomaly_pipeline.store), read a batch at a time by
-    anomaly_pipeline.training, as the train and evaluate stages do (freed memory returned as in every stage)."""
-    return_freed_memory()
+    anomaly_pipeline.training, as the train and evaluate stages do; ``loop`` says how the process gets its memory
+    (LOOPS: 'ours' as every stage)."""
+    if loop in ("ours", "ours-4k"):
+        return_freed_memory()
+    if loop == "ours":
+        use_huge_pages()
     trace = MemoryTrace()
     trace.mark("process, imports")
     params = bench_params(data_dir, size)
@@ -121,21 +159,18 @@ def ours(data_dir: Path, epochs: int, size: int) -> dict:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         generator, cpu = torch.Generator().manual_seed(0), torch.device("cpu")
         trace.mark("model")
-        epoch_times = []
+        clock = EpochClock(math.ceil(len(images) / BATCH))
         for _ in range(epochs):
-            started = time.perf_counter()
-            train_one_epoch(model, optimizer, images, labels, BATCH, cpu, generator)
-            epoch_times.append(time.perf_counter() - started)
-            if len(epoch_times) == 1:
+            clock.epoch(lambda: train_one_epoch(model, optimizer, images, labels, BATCH, cpu, generator))
+            if len(clock.seconds) == 1:
                 trace.mark("first epoch")
         trace.mark("later epochs")
         started = time.perf_counter()
         predict_scores(model, store.images(test["sha256"].tolist()), 64, cpu, normalize)
         evaluate = time.perf_counter() - started
         trace.mark("evaluation")
-    return {"train_images": len(train), "test_images": len(test), "decode_s": decode,
-            "epoch_s": min(epoch_times), "evaluate_s": evaluate, "copy_s": 0.0, "peak_rss_mb": peak_rss_mb(),
-            "memory_mb": trace.added()}
+    return {"train_images": len(train), "test_images": len(test), "decode_s": decode, **clock.later(),
+            "evaluate_s": evaluate, "copy_s": 0.0, "peak_rss_mb": peak_rss_mb(), "memory_mb": trace.added()}
 
 
 OP_GROUPS = (("convolution", ("conv",)), ("batch norm", ("batch_norm", "batchnorm")),
@@ -150,6 +185,7 @@ def profile(data_dir: Path, epochs: int, size: int) -> dict:
     from torch.profiler import profile as torch_profile
 
     return_freed_memory()
+    use_huge_pages()
     train, _ = split(data_dir)
     seed_everything(0)
     images = load_images(data_dir, train["path"].tolist()[:BATCH * 4], size)
@@ -197,7 +233,8 @@ def profile(data_dir: Path, epochs: int, size: int) -> dict:
 
 
 def baseline(data_dir: Path, epochs: int, size: int) -> dict:
-    """The study's loop: decode every epoch, NCHW, one-image evaluation, every split image copied."""
+    """The study's loop: decode every epoch, NCHW, one-image evaluation, every split image copied; glibc's
+    allocator as it is."""
     from PIL import Image
     from torchvision import transforms
 
@@ -224,16 +261,18 @@ def baseline(data_dir: Path, epochs: int, size: int) -> dict:
     model = build_model("resnet18", None)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     trace.mark("model")
-    epoch_times = []
-    for _ in range(epochs):
-        started = time.perf_counter()
+
+    def train_epoch() -> None:
         model.train()
         for inputs, targets in loader:
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(inputs), targets).backward()
             optimizer.step()
-        epoch_times.append(time.perf_counter() - started)
-        if len(epoch_times) == 1:
+
+    clock = EpochClock(len(loader))
+    for _ in range(epochs):
+        clock.epoch(train_epoch)
+        if len(clock.seconds) == 1:
             trace.mark("first epoch")
     trace.mark("later epochs")
     started = time.perf_counter()
@@ -250,9 +289,8 @@ def baseline(data_dir: Path, epochs: int, size: int) -> dict:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(data_dir / path, target)
     copy = time.perf_counter() - started
-    return {"train_images": len(train_paths), "test_images": len(test_paths), "decode_s": 0.0,
-            "epoch_s": min(epoch_times), "evaluate_s": evaluate, "copy_s": copy, "peak_rss_mb": peak_rss_mb(),
-            "memory_mb": trace.added()}
+    return {"train_images": len(train_paths), "test_images": len(test_paths), "decode_s": 0.0, **clock.later(),
+            "evaluate_s": evaluate, "copy_s": copy, "peak_rss_mb": peak_rss_mb(), "memory_mb": trace.added()}
 
 
 IMPORT_STEPS = (("python, pydantic, psutil (anomaly_pipeline.entry)", []), ("numpy", ["numpy"]),
@@ -278,50 +316,80 @@ def share_line(times: dict[str, float]) -> str:
     return ", ".join(f"{name} {100 * value / total:.0f}%" for name, value in times.items())
 
 
-def measure(variant: str, data_dir: Path, epochs: int, size: int) -> dict:
+def measure(loop: str, data_dir: Path, epochs: int, size: int) -> dict:
     """Run one loop in a fresh process and return its figures."""
-    output = subprocess.run([sys.executable, __file__, str(data_dir), "--variant", variant, "--epochs", str(epochs),
-                             "--image-size", str(size)], check=True, capture_output=True, text=True).stdout
+    output = subprocess.run([sys.executable, "-m", "benchmarks.bench_training", str(data_dir), "--loop", loop,
+                             "--epochs", str(epochs), "--image-size", str(size)], cwd=PROJECT, check=True,
+                            capture_output=True, text=True).stdout
     return json.loads(output.splitlines()[-1])
+
+
+def spread(values: list[float], digits: int) -> str:
+    """Median and lowest-highest of ``values``."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def commit() -> str:
+    described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=PROJECT, capture_output=True,
+                               text=True)
+    return described.stdout.strip() or "unknown"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", type=Path, help="folder with clean/ and faulty/")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs timed per loop (the fastest counts)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per loop; those after the first are timed")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds in which every loop runs once, in turn")
+    parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS), help="loops to compare")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--variant", choices=("ours", "baseline", "profile"), help=argparse.SUPPRESS)
+    parser.add_argument("--busy", action="store_true", help="time even a busy machine (the figures are flagged)")
+    parser.add_argument("--loop", choices=(*LOOPS, "profile"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.variant:
-        figures = {"ours": ours, "baseline": baseline, "profile": profile}[args.variant](
-            args.data_dir, args.epochs, args.image_size)
+    if args.loop:
+        figures = (profile(args.data_dir, args.epochs, args.image_size) if args.loop == "profile" else
+                   baseline(args.data_dir, args.epochs, args.image_size) if args.loop == "study" else
+                   ours(args.data_dir, args.epochs, args.image_size, args.loop))
         print(json.dumps(figures))
         return
+    load = load_average()
+    if load > QUIET_LOAD and not args.busy:
+        sys.exit(f"load average {load:.2f} is above {QUIET_LOAD}: timings now would not be comparable. Wait for a "
+                 f"quiet machine, or pass --busy to take them anyway (flagged)")
+    flag = f"BUSY MACHINE (load average {load:.2f} at the start): the timings are not comparable. " if (
+        load > QUIET_LOAD) else ""
     matmul = matmul_gflops()
     flops = training_flops_per_image(args.image_size)
+    print(f"{flag}{datetime.date.today()}, commit {commit()}, {machine()}, load average {load:.2f} at the start")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, image {args.image_size} px, batch {BATCH}, "
           f"random init; fp32 matmul 2048^2: {matmul:.1f} GFLOP/s; ResNet18 training step: "
-          f"{flops / 1e9:.2f} GFLOP/image")
-    results = {variant: measure(variant, args.data_dir, args.epochs, args.image_size)
-               for variant in ("baseline", "ours")}
-    header = (f"{'loop':<10}{'train img/s':>12}{'eval img/s':>12}{'s/epoch':>9}{'GFLOP/s':>9}{'% matmul':>9}"
-              f"{'s/run*':>8}{'peak MB':>9}")
-    print(header)
-    for variant, figures in results.items():
-        train_rate = figures["train_images"] / figures["epoch_s"]
-        gflops = train_rate * flops / 1e9
-        figures["run_s"] = (figures["decode_s"] + EPOCHS_PER_RUN * figures["epoch_s"] + figures["evaluate_s"]
-                            + figures["copy_s"])
-        print(f"{variant:<10}{train_rate:>12.2f}{figures['test_images'] / figures['evaluate_s']:>12.1f}"
-              f"{figures['epoch_s']:>9.1f}{gflops:>9.1f}{100 * gflops / matmul:>8.0f}%{figures['run_s']:>8.0f}"
-              f"{figures['peak_rss_mb']:>9.0f}")
-    base, fast = results["baseline"], results["ours"]
-    print(f"ratios (baseline / ours): epoch {base['epoch_s'] / fast['epoch_s']:.2f}x, "
-          f"evaluation {base['evaluate_s'] / fast['evaluate_s']:.2f}x, run {base['run_s'] / fast['run_s']:.2f}x, "
-          f"peak RSS {base['peak_rss_mb'] / fast['peak_rss_mb']:.2f}x")
-    for variant, figures in results.items():
-        print(f"peak RSS of {variant}, MB added by each part: " + ", ".join(
-            f"{name} {value:+.0f}" for name, value in figures["memory_mb"].items()))
+          f"{flops / 1e9:.2f} GFLOP/image; {args.repeats} rounds, the loops in turn")
+    rounds: dict[str, list[dict]] = {loop: [] for loop in args.loops}
+    for _ in range(args.repeats):
+        for loop in args.loops:
+            rounds[loop].append(measure(loop, args.data_dir, args.epochs, args.image_size))
+    print(f"{'loop':<10}{'s/epoch':>20}{'faults/step':>13}{'peak MB':>21}{'train img/s':>12}{'eval img/s':>11}"
+          f"{'% matmul':>9}{'s/run*':>8}  memory")
+    for loop, results in rounds.items():
+        for figures in results:
+            figures["run_s"] = (figures["decode_s"] + EPOCHS_PER_RUN * figures["epoch_s"] + figures["evaluate_s"]
+                                + figures["copy_s"])
+        median = {key: statistics.median(figures[key] for figures in results)
+                  for key in ("epoch_s", "faults_per_step", "evaluate_s", "run_s")}
+        train_rate = results[0]["train_images"] / median["epoch_s"]
+        print(f"{loop:<10}{spread([f['epoch_s'] for f in results], 1):>20}{median['faults_per_step']:>13,.0f}"
+              f"{spread([f['peak_rss_mb'] for f in results], 0):>21}{train_rate:>12.2f}"
+              f"{results[0]['test_images'] / median['evaluate_s']:>11.1f}"
+              f"{100 * train_rate * flops / 1e9 / matmul:>8.0f}%{median['run_s']:>8.0f}  {LOOPS[loop]}")
+    if "study" in rounds:
+        study = rounds["study"]
+        for loop in (name for name in rounds if name != "study"):
+            epoch = [base["epoch_s"] / figures["epoch_s"] for base, figures in zip(study, rounds[loop])]
+            memory = [figures["peak_rss_mb"] / base["peak_rss_mb"] for base, figures in zip(study, rounds[loop])]
+            print(f"{loop} against the study's loop, per round: per-epoch speed {spread(epoch, 2)}x, "
+                  f"peak RSS {spread(memory, 2)}x of the study's")
+    for loop, results in rounds.items():
+        print(f"peak RSS of {loop} (last round), MB added by each part: " + ", ".join(
+            f"{name} {value:+.0f}" for name, value in results[-1]["memory_mb"].items()))
     print("peak RSS of a process importing what the train stage imports, MB added by each: " + ", ".join(
         f"{name} {value:+.0f}" for name, value in import_costs().items()))
     breakdown = measure("profile", args.data_dir, args.epochs, args.image_size)
@@ -329,8 +397,9 @@ def main() -> None:
           + share_line(breakdown["phases"]) + "; by operator: " + share_line(breakdown["operators"]))
     print(f"memory of ours, batch {BATCH}, MB: " + ", ".join(f"{name} {value:.0f}"
                                                           for name, value in breakdown["memory_mb"].items()))
-    print(f"* s/run = image decoding + {EPOCHS_PER_RUN:g} epochs (the recorded runs' mean) x fastest epoch "
-          f"+ evaluation + image copying; validation passes are not counted")
+    print(f"* s/run = image decoding + {EPOCHS_PER_RUN:g} epochs (the recorded runs' mean) x s/epoch "
+          f"+ evaluation + image copying; validation passes are not counted. Load average at the end: "
+          f"{load_average():.2f}")
 
 
 if __name__ == "__main__":

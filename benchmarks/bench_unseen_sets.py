@@ -28,7 +28,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -39,13 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 import yaml
 from sklearn.metrics import average_precision_score
 
 from anomaly_pipeline.metrics import choose_threshold, classification_metrics
 from benchmarks.bench_fast_preset import clone_with_params
 from benchmarks.elpv_folders import write_folders
+from benchmarks.machine import machine
 
 PROJECT = Path(__file__).resolve().parents[1]
 RESULTS_FILE = PROJECT / "benchmarks" / "results" / "unseen_sets.jsonl"
@@ -111,20 +110,6 @@ def set_folder(name: str) -> tuple[Path, str, str]:
     if name.startswith("elpv") and not folder.exists():
         write_folders(folder, rare=name == "elpv-rare")
     return folder, negative, positive
-
-
-def machine() -> str:
-    """The CPU as far as it decides the figures: its model and the kernels torch picked for it. A run is
-    bit-identical on one machine; on another, other kernels can change the last digits, which training can grow
-    into another best epoch (README.md, "Determinism and interruptions")."""
-    import torch
-
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    model = names[0] if names else platform.processor() or platform.machine()
-    return (f"{model}, torch CPU kernels {torch.backends.cpu.get_cpu_capability()}, {psutil.cpu_count()} CPU cores, "
-            "no GPU used")
 
 
 def validation_scores(project: Path, run: int) -> tuple[np.ndarray, np.ndarray]:
