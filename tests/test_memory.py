@@ -64,7 +64,7 @@ def test_a_stage_reports_its_own_peak_not_its_parents() -> None:
 
 
 # Two epochs of full fine-tuning (one step of 32 images at 224 px each) through a stage's entry point (main_guard);
-# prints the page faults of the second epoch's step. With "4k" the process first turns transparent huge pages off for itself.
+# prints the page faults of the second epoch's step. With "4k" the process turns transparent huge pages off first.
 STEPS = """
 import ctypes, resource, sys
 import torch
