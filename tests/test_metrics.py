@@ -42,9 +42,11 @@ def test_single_class_test_set_has_no_auc_or_balanced_accuracy() -> None:
 
 def test_summary_gives_mean_std_min_max_and_mean_confusion_matrix() -> None:
     table = pd.DataFrame([
-        {"run": 0, "test_accuracy": 0.8, "train_seconds": 10.0, "weights": "random-init", "finetune": "head",
+        {"run": 0, "test_accuracy": 0.8, "train_seconds": 10.0, "arch": "resnet18", "weights": "random-init",
+         "weights_source": "random init", "finetune": "head",
          "cm_tn": 4, "cm_fp": 1, "cm_fn": 1, "cm_tp": 4},
-        {"run": 1, "test_accuracy": 0.6, "train_seconds": 20.0, "weights": "random-init", "finetune": "head",
+        {"run": 1, "test_accuracy": 0.6, "train_seconds": 20.0, "arch": "resnet18", "weights": "random-init",
+         "weights_source": "random init", "finetune": "head",
          "cm_tn": 2, "cm_fp": 3, "cm_fn": 1, "cm_tp": 4},
     ])
     summary = summarize(table)

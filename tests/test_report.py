@@ -22,7 +22,7 @@ METRICS = ("test_accuracy", "test_balanced_accuracy", "test_precision", "test_re
 
 
 def one_run_table() -> pd.DataFrame:
-    row = {"run": 0, "weights": "random-init", "finetune": "all", **{name: 0.75 for name in METRICS},
+    row = {"run": 0, "arch": "resnet18", "weights": "random-init", "weights_source": "random init", "finetune": "all", **{name: 0.75 for name in METRICS},
            "cm_tn": 3, "cm_fp": 1, "cm_fn": 1, "cm_tp": 3}
     return pd.DataFrame([row])
 

