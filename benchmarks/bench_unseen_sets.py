@@ -5,7 +5,7 @@
     python -m benchmarks.bench_unseen_sets --rescore [--sets ...] [--configs robust ...]
 
 Each run of a cell (set x configuration) is a clean clone of this checkout (HEAD, or --commit) that runs
-`dvc repro` with model.pretrained false, runs [N] (run N's split, seed and model do not depend on the other
+`dvc repro` with model.pretrained false (unless the configuration asks for ImageNet weights), runs [N] (run N's split, seed and model do not depend on the other
 runs), data.dir set to the set and the configuration's parameters. Its test figures, its validation figures and
 both sets of scores (label, score) are appended to benchmarks/results/unseen_sets.jsonl as soon as it ends
 (with the date, commit and machine), and runs already there are not run again: a measurement of many hours can
@@ -46,6 +46,8 @@ from benchmarks.bench_fast_preset import clone_with_params
 from benchmarks.elpv_folders import write_folders
 from benchmarks.machine import machine
 
+RANDOM_INIT = "random init"  # what every record without a weights field was measured from
+
 PROJECT = Path(__file__).resolve().parents[1]
 RESULTS_FILE = PROJECT / "benchmarks" / "results" / "unseen_sets.jsonl"
 SHARED = PROJECT.parent / "shared" / "datasets"
@@ -84,6 +86,7 @@ def readme_preset() -> dict[str, object]:
 # Configuration name -> parameter changes on top of params.yaml (the study's method). "robust" is the README's
 # robust preset, "robust-..." candidates for the next one; the others are options one at a time.
 ROBUST = readme_preset()
+LITE0_IMAGENET = {"model.arch": "efficientnet_lite0", "model.pretrained": True}
 CONFIGS: dict[str, dict[str, object]] = {
     "study": {},
     "robust": ROBUST,
@@ -101,6 +104,12 @@ CONFIGS: dict[str, dict[str, object]] = {
     "augment": {"train.augment": ["flip", "rotate90"]},
     "threshold": {"evaluate.threshold": "max_balanced_accuracy"},
     "pad": {"model.resize": "pad"},
+    # ImageNet features without a download: EfficientNet-Lite0 with the pip package's weights, the study's method
+    # otherwise; the same with the robust preset; and the floor any fine-tuning must clear, a frozen backbone with a
+    # linear head (train.finetune head).
+    "lite0": LITE0_IMAGENET,
+    "lite0-robust": {**ROBUST, **LITE0_IMAGENET},
+    "lite0-head": {**LITE0_IMAGENET, "train.finetune": "head"},
 }
 
 
@@ -161,6 +170,7 @@ def measure_run(set_name: str, config: str, run: int, commit: str) -> dict:
         "set": set_name, "config": config, "run": run, "changes": CONFIGS[config], "commit": commit,
         "date": datetime.date.today().isoformat(), "wall_seconds": round(wall, 1),
         "machine": machine(),
+        "weights": metrics["weights_source"],
         "balanced_accuracy": metrics["test_balanced_accuracy"],
         "recall": metrics["test_recall"],
         "specificity": metrics["test_specificity"],
@@ -263,7 +273,8 @@ def table(cells: dict[tuple[str, str], list[dict]]) -> str:
     for (set_name, config), runs in sorted(cells.items(), key=lambda item: (order.get(item[0][0], 99),
                                                                              item[0][1] != "study", item[0][1])):
         rows.append({
-            "set": set_name, "configuration": config, "runs": len(runs),
+            "set": set_name, "configuration": config, "weights": runs[0].get("weights", RANDOM_INIT),
+            "runs": len(runs),
             "balanced acc %": spread([run["balanced_accuracy"] for run in runs]),
             "recall %": spread([run["recall"] for run in runs]),
             "specificity %": spread([run["specificity"] for run in runs]),
@@ -310,7 +321,8 @@ def main() -> None:
                     with RESULTS_FILE.open("a") as results:
                         results.write(json.dumps(record) + "\n")
                     print(table({(set_name, config): [record]}), flush=True)
-    print("model.pretrained false (random initialisation), mean ± std over runs, test split")
+    print("mean ± std over runs, test split; weights: which weights each cell started from (records older than the "
+          "column: random init)")
     print(table(read_results()))
 
 
