@@ -162,6 +162,11 @@ def _layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], torch.nn.Mod
     return layers, model.layer4, model.fc
 
 
+def classifier(model: torch.nn.Module) -> torch.nn.Module:
+    """The network's final layer (a ResNet's fc, Lite0's classifier)."""
+    return _layers(model)[2]
+
+
 def last_feature_maps(model: torch.nn.Module) -> torch.nn.Module:
     """The layer whose output is the last convolutional feature maps (Grad-CAM's): a ResNet's layer4, Lite0's head
     convolution with its batch norm and activation."""

@@ -108,12 +108,28 @@ class TrainParams(Section):
     class_balance: Literal["none", "weighted_loss", "sampler"] = "none"
     augment: Annotated[list[Augmentation], AfterValidator(_distinct)] = Field(
         default_factory=list, description="distinct names, [] for none")
+    head_epochs: int = Field(0, ge=0, description="epochs that train the classifier alone before all layers train")
+    backbone_lr_factor: float = Field(1.0, gt=0, le=1,
+                                      description="the backbone's learning rate as a fraction of train.lr, in (0, 1]")
+    freeze_bn_stats: bool = Field(False, description="true: batch norm keeps the running statistics it was loaded with")
+
+    @property
+    def recipe(self) -> dict[str, object]:
+        """The fine-tuning options set away from the study's method (they need 'train.finetune: all')."""
+        return {name: getattr(self, name) for name, study in (("head_epochs", 0), ("backbone_lr_factor", 1.0),
+                                                              ("freeze_bn_stats", False)) if getattr(self, name) != study}
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:
         if self.min_epochs > self.max_epochs:
             raise ValueError(f"'train.min_epochs' ({self.min_epochs}) must not exceed 'train.max_epochs' "
                              f"({self.max_epochs})")
+        if self.recipe and self.finetune != "all":
+            raise ValueError(f"{', '.join(f'train.{name}' for name in self.recipe)} need 'train.finetune: all': with "
+                             f"{self.finetune!r} only the layers after the frozen ones train")
+        if self.head_epochs >= self.max_epochs:
+            raise ValueError(f"'train.head_epochs' ({self.head_epochs}) must be below 'train.max_epochs' "
+                             f"({self.max_epochs}): all layers must train for at least one epoch")
         if self.augment and self.finetune != "all":
             raise ValueError(f"'train.augment' needs 'train.finetune: all': with {self.finetune!r} the frozen "
                              f"layers' output is computed once per image and cannot change from epoch to epoch")

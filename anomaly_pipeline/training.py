@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from anomaly_pipeline.augment import Augment, augmentation, balanced_order, class_weights
 from anomaly_pipeline.errors import PipelineError
-from anomaly_pipeline.model import Prepare
+from anomaly_pipeline.model import Prepare, classifier
 from anomaly_pipeline.params import TrainParams
 from anomaly_pipeline.tensors import normalize
 
@@ -86,14 +86,18 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     class_balance: str = "none",
     augment: Augment | None = None,
+    frozen_norms: Sequence[torch.nn.Module] = (),
 ) -> tuple[float, float]:
     """One pass over the training inputs in shuffled batches; returns (mean loss, accuracy).
 
     ``prepare`` turns a batch of stored inputs into the model's input on ``device``; with a (CUDA) ``scaler``
     the forward pass runs in mixed precision. ``class_balance`` (train.class_balance) weights the loss by class
     or draws the epoch's images class-balanced; ``augment`` changes each image of a batch before ``prepare``.
+    ``frozen_norms`` (batch-norm layers) normalise with their running statistics and leave them as they are.
     """
     model.train()
+    for norm in frozen_norms:
+        norm.eval()
     total_loss, correct = 0.0, 0
     order = balanced_order(labels, generator) if class_balance == "sampler" else None
     loss_weights = class_weights(labels).to(device) if class_balance == "weighted_loss" else None
@@ -165,7 +169,10 @@ def fit(
     amp = use_amp(settings, device)
     augment = augmentation(settings.augment)
     scaler = torch.amp.GradScaler(device.type) if amp else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    head, backbone = head_and_backbone(model, settings)
+    optimizer = torch.optim.Adam([{"params": head, "lr": settings.lr},
+                                  {"params": backbone, "lr": settings.lr * settings.backbone_lr_factor}])
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=settings.scheduler.factor, patience=settings.scheduler.patience
     )
@@ -175,8 +182,12 @@ def fit(
         epoch = stopping.epoch + 1
         started = time.perf_counter()
         learning_rate = optimizer.param_groups[0]["lr"]
-        train_loss, train_accuracy = train_one_epoch(model, optimizer, *train_data, settings.batch_size, device,
-                                                     generator, prepare, scaler, settings.class_balance, augment)
+        head_only = epoch <= settings.head_epochs
+        for parameter in backbone:
+            parameter.requires_grad_(not head_only)
+        train_loss, train_accuracy = train_one_epoch(
+            model, optimizer, *train_data, settings.batch_size, device, generator, prepare, scaler,
+            settings.class_balance, augment, norms if head_only or settings.freeze_bn_stats else ())
         val_loss, val_accuracy = validate(model, *val_data, settings.batch_size, device, prepare, amp,
                                           balanced=settings.class_balance != "none")
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
@@ -187,9 +198,10 @@ def fit(
         improved = stopping.update(val_loss)
         if improved:
             best_state = copy.deepcopy(model.state_dict())
-        scheduler.step(val_loss)
+        if not head_only:  # the learning rate the layers start with is not cut while the classifier alone learns
+            scheduler.step(val_loss)
         seconds = time.perf_counter() - started
-        history.append(dict(epoch=epoch, train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
+        history.append(dict(epoch=epoch, trained="classifier" if head_only else "all", train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
                             val_accuracy=val_accuracy, lr=learning_rate, seconds=seconds, best=improved))
         on_epoch(history[-1])
         log.info("run %d epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | lr %.1e | %.1f s%s",
@@ -199,4 +211,16 @@ def fit(
         log.info("run %d: early stop after epoch %d (no improvement for %d epochs)", run, stopping.epoch,
                  stopping.epochs_since_best)
     assert best_state is not None
+    for parameter in backbone:
+        parameter.requires_grad_(True)
     return best_state, pd.DataFrame(history)
+
+
+def head_and_backbone(model: torch.nn.Module, settings: TrainParams) -> tuple[list[torch.nn.Parameter],
+                                                                             list[torch.nn.Parameter]]:
+    """The trained parameters as (classifier's, the rest): the rest learns at train.lr x train.backbone_lr_factor and
+    waits train.head_epochs. With the study's method, or a frozen part, all of them are the first group."""
+    if not settings.recipe:
+        return list(model.parameters()), []
+    head = list(classifier(model).parameters())
+    return head, [parameter for parameter in model.parameters() if all(parameter is not own for own in head)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,62 @@ def test_pad_keeps_the_aspect_ratio_and_fills_with_the_mean_colour(tmp_path: Pat
     rows_white = np.flatnonzero((padded == 255).all(axis=(0, 2)))
     assert rows_white.tolist() == list(range(12, 20))
     assert (padded[:, 0, 0] == PAD_COLOUR).all() and (padded[:, -1, -1] == PAD_COLOUR).all()
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], prefix: str = "") -> set[str]:
+    return {name for name in before if name.startswith(prefix) and not torch.equal(before[name], after[name])}
+
+
+def test_head_epochs_train_the_classifier_alone_first_then_every_layer() -> None:
+    """LP-FT: for train.head_epochs epochs nothing but the classifier changes (batch norm statistics included)."""
+    seed_everything(0)
+    model = build_model("resnet18", None)
+    states = [snapshot(model)]
+    _, history = fit(model, tiny_data(1, 16), tiny_data(2, 12), settings(min_epochs=3, max_epochs=3, head_epochs=2),
+                     CPU, torch.Generator().manual_seed(0), run=0, on_epoch=lambda record: states.append(snapshot(model)))
+    assert history["trained"].tolist() == ["classifier", "classifier", "all"]
+    for epoch in (1, 2):
+        assert changed(states[epoch - 1], states[epoch]) == {"fc.weight", "fc.bias"}
+    assert {"conv1.weight", "bn1.running_mean", "layer4.1.conv2.weight"} <= changed(states[2], states[3])
+    assert all(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_backbone_learns_at_its_fraction_of_the_learning_rate() -> None:
+    """Adam's first step moves each weight by about its learning rate: the classifier's train.lr, the rest's
+    train.lr x train.backbone_lr_factor."""
+    seed_everything(0)
+    model = build_model("resnet18", None)
+    before = snapshot(model)
+    fit(model, tiny_data(1, 16), tiny_data(2, 12), settings(batch_size=16, lr=1e-2, min_epochs=1, max_epochs=1,
+                                                            backbone_lr_factor=0.1), CPU,
+        torch.Generator().manual_seed(0), run=0)
+    after = snapshot(model)
+    moved = {name: (after[name] - before[name]).abs().max().item() for name, _ in model.named_parameters()}
+    assert max(moved["fc.weight"], moved["fc.bias"]) == pytest.approx(1e-2, rel=1e-3)
+    backbone = max(value for name, value in moved.items() if not name.startswith("fc."))
+    assert backbone == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_frozen_batch_norm_statistics_stay_as_loaded() -> None:
+    seed_everything(0)
+    model = build_model("resnet18", None)
+    before = snapshot(model)
+    fit(model, tiny_data(1, 16), tiny_data(2, 12), settings(max_epochs=2, freeze_bn_stats=True), CPU,
+        torch.Generator().manual_seed(0), run=0)
+    moved = changed(before, snapshot(model))
+    assert not any(name.endswith(("running_mean", "running_var", "num_batches_tracked")) for name in moved)
+    assert {"conv1.weight", "bn1.weight", "fc.weight"} <= moved
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"finetune": "head", "head_epochs": 1}, "train.head_epochs need 'train.finetune: all'"),
+    ({"finetune": "last_block", "backbone_lr_factor": 0.1}, "train.backbone_lr_factor need 'train.finetune: all'"),
+    ({"head_epochs": 6, "max_epochs": 6}, "'train.head_epochs' (6) must be below 'train.max_epochs' (6)"),
+])
+def test_the_recipe_options_are_refused_where_they_cannot_apply(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        settings(**changes)
