@@ -172,7 +172,7 @@ def fit(
     head, backbone = head_and_backbone(model, settings)
     optimizer = torch.optim.Adam([{"params": head, "lr": settings.lr},
                                   {"params": backbone, "lr": settings.lr * settings.backbone_lr_factor}])
-    norms = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=settings.scheduler.factor, patience=settings.scheduler.patience
     )
@@ -201,8 +201,9 @@ def fit(
         if not head_only:  # the learning rate the layers start with is not cut while the classifier alone learns
             scheduler.step(val_loss)
         seconds = time.perf_counter() - started
-        history.append(dict(epoch=epoch, trained="classifier" if head_only else "all", train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
-                            val_accuracy=val_accuracy, lr=learning_rate, seconds=seconds, best=improved))
+        history.append(dict(epoch=epoch, trained="classifier" if head_only else "all", train_loss=train_loss,
+                            train_accuracy=train_accuracy, val_loss=val_loss, val_accuracy=val_accuracy,
+                            lr=learning_rate, seconds=seconds, best=improved))
         on_epoch(history[-1])
         log.info("run %d epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | lr %.1e | %.1f s%s",
                  run, epoch, settings.max_epochs, train_loss, train_accuracy, val_loss, val_accuracy,
@@ -223,4 +224,5 @@ def head_and_backbone(model: torch.nn.Module, settings: TrainParams) -> tuple[li
     if not settings.recipe:
         return list(model.parameters()), []
     head = list(classifier(model).parameters())
-    return head, [parameter for parameter in model.parameters() if all(parameter is not own for own in head)]
+    in_head = {id(parameter) for parameter in head}
+    return head, [parameter for parameter in model.parameters() if id(parameter) not in in_head]
