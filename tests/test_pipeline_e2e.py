@@ -102,7 +102,7 @@ def test_aggregate_averages_the_runs(project: Path) -> None:
         assert summary[name]["min"] <= summary[name]["mean"] <= summary[name]["max"]
     assert sum(summary["confusion_matrix_mean"].values()) == pytest.approx(table["test_images"].mean())
     log = (project / "repro.log").read_text()
-    assert "test_accuracy" in log and "±" in log and "random-init weights" in log
+    assert "test_accuracy" in log and "±" in log and "resnet18, random init weights" in log
 
 
 def test_second_repro_has_nothing_to_do(project: Path) -> None:
