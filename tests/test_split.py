@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from anomaly_pipeline.errors import PipelineError
 from anomaly_pipeline.layout import SPLITS
-from anomaly_pipeline.params import run_seed
+from anomaly_pipeline.params import OWN_DATA_COMMAND, run_seed
 from anomaly_pipeline.split import group_ids, scan_dataset, split_groups, split_report
 from tests.conftest import METAL, picture, save_image, shared_dataset
 
@@ -76,7 +77,7 @@ def make_images(folder: Path, count: int, start: int = 0) -> None:
 
 
 def test_missing_data_folder_is_named(tmp_path: Path) -> None:
-    message = r"data folder .*nowhere \(params.yaml 'data\.dir'\) does not exist.*dvc exp run -S data\.dir="
+    message = rf"data folder .*nowhere \(params.yaml 'data\.dir'\) does not exist.*{re.escape(OWN_DATA_COMMAND)}"
     with pytest.raises(PipelineError, match=message):
         scan_dataset(tmp_path / "nowhere", "clean", "faulty")
 
