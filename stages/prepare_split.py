@@ -25,10 +25,12 @@ def main() -> None:
         for split in SPLITS:
             write_csv_atomic(SplitFiles(out).manifest(split), manifests[split])
         write_json_atomic(SplitFiles(out).report, report)
-    counts = report["counts"]
-    log.info("run %d: %d images (%d distinct, %d groups of identical images kept on one side); "
-             "train %s, val %s, test %s", run, report["images"], report["distinct_images"],
-             report["duplicate_groups"], *(counts[split] for split in SPLITS))
+    counts = report["counts"]  # by role (clean = data.negative_class, faulty = data.positive_class)
+    names = {"clean": params.data.negative_class, "faulty": params.data.positive_class}
+    log.info("run %d: %d images (%d distinct, %d groups of identical images kept on one side); %s", run,
+             report["images"], report["distinct_images"], report["duplicate_groups"],
+             "; ".join(f"{split} " + ", ".join(f"{names[role]} {count}" for role, count in counts[split].items())
+                       for split in SPLITS))
     log.info("run %d: a plain random split would have put %d of %d test images beside a byte-identical "
              "copy in training; this split puts none", run, report["naive_split_test_images_with_train_twin"],
              sum(counts["test"].values()))

