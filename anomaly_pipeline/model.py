@@ -151,9 +151,14 @@ def build_model(arch: str, pretrained_state: dict[str, torch.Tensor] | None) -> 
     return model
 
 
+def _is_efficientnet(model: torch.nn.Module) -> bool:
+    """timm's EfficientNet (its stages are ``blocks``), else a torchvision ResNet."""
+    return hasattr(model, "blocks")
+
+
 def _layers(model: torch.nn.Module) -> tuple[list[torch.nn.Module], torch.nn.Module, torch.nn.Module]:
     """(the model's layers in order, as a chain that computes what it computes; its last block; its classifier)."""
-    if hasattr(model, "blocks"):  # timm's EfficientNet
+    if _is_efficientnet(model):
         layers = [model.conv_stem, model.bn1, *model.blocks, model.conv_head, model.bn2, model.global_pool,
                   model.classifier]
         return layers, model.blocks[-1], model.classifier
@@ -170,7 +175,7 @@ def classifier(model: torch.nn.Module) -> torch.nn.Module:
 def last_feature_maps(model: torch.nn.Module) -> torch.nn.Module:
     """The layer whose output is the last convolutional feature maps (Grad-CAM's): a ResNet's layer4, Lite0's head
     convolution with its batch norm and activation."""
-    return model.bn2 if hasattr(model, "blocks") else model.layer4
+    return model.bn2 if _is_efficientnet(model) else model.layer4
 
 
 def frozen_and_trainable(model: torch.nn.Module, finetune: str) -> tuple[torch.nn.Sequential, torch.nn.Module]:
