@@ -144,7 +144,7 @@ def build_model(arch: str, pretrained_state: dict[str, torch.Tensor] | None) -> 
     model = imagenet_network(arch)
     if pretrained_state is not None:
         model.load_state_dict(pretrained_state)
-    if arch == LITE0:
+    if _is_efficientnet(model):
         model.reset_classifier(2)
     else:
         model.fc = torch.nn.Linear(model.fc.in_features, 2)
@@ -187,8 +187,8 @@ def frozen_and_trainable(model: torch.nn.Module, finetune: str) -> tuple[torch.n
     """
     if finetune == "all":
         return torch.nn.Sequential(), model
-    layers, last_block, classifier = _layers(model)
-    cut = layers.index(last_block if finetune == "last_block" else classifier)
+    layers, last_block, final_layer = _layers(model)
+    cut = layers.index(last_block if finetune == "last_block" else final_layer)
     return torch.nn.Sequential(*layers[:cut]), torch.nn.Sequential(*layers[cut:])
 
 
