@@ -1,9 +1,11 @@
 """Wall time of the whole pipeline (dvc repro) with a train.finetune preset, and where the time goes.
 
-    python benchmarks/bench_fast_preset.py ../shared/datasets/metal-surface [--finetune head] [--runs 10]
+    python -m benchmarks.bench_fast_preset ../shared/datasets/metal-surface [--finetune head] [--runs 10]
+        [--arch efficientnet_lite0 --pretrained]
 
 A clean clone of this checkout in a temporary folder reproduces every run up to the aggregate with
-data.dir set to the given folder and model.pretrained false (the weights' values do not change the time).
+data.dir set to the given folder, the architecture asked for, and model.pretrained false unless --pretrained
+(the weights' values do not change the time; only ImageNet weights make the accuracy a measure of the preset).
 Printed: the wall time of `dvc repro`, the time the stages spent working (features extraction, each run's
 training and evaluation, as they record it), what starting the stage processes costs (interpreter and
 imports, measured here per stage module), the rest (DVC itself), and the ratio against the full
@@ -19,10 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 import pandas as pd
 import yaml
+
+from benchmarks.machine import load_average, machine
 
 PROJECT = Path(__file__).resolve().parents[1]
 STAGE_MODULES = {"prepare-split": "stages.prepare_split", "features": "stages.features", "train": "stages.train",
@@ -62,12 +67,17 @@ def main() -> None:
     parser.add_argument("data_dir", type=Path, help="folder with clean/ and faulty/")
     parser.add_argument("--finetune", choices=("head", "last_block", "all"), default="head")
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--arch", choices=("resnet18", "efficientnet_lite0"), default="resnet18")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="ImageNet weights (offline only for efficientnet_lite0, from its pip package)")
     args = parser.parse_args()
     runs = list(range(args.runs))
+    load_at_start = load_average()
     with tempfile.TemporaryDirectory() as folder:
         project = Path(folder) / "project"
-        clone_with_params(project, {"data.dir": str(args.data_dir.resolve()), "model.pretrained": False,
-                                    "train.finetune": args.finetune, "runs": runs})
+        commit = clone_with_params(project, {"data.dir": str(args.data_dir.resolve()), "model.arch": args.arch,
+                                    "model.pretrained": args.pretrained, "train.finetune": args.finetune,
+                                    "runs": runs})
         started = time.perf_counter()
         result = subprocess.run([sys.executable, "-m", "dvc", "repro", "aggregate"], cwd=project,
                                 capture_output=True, text=True)
@@ -85,7 +95,9 @@ def main() -> None:
     process_starts = sum(starts[stage] * count for stage, count in counts.items())
     recorded = pd.read_csv(PROJECT / "metrics" / "runs.csv")
     full_run = (recorded["train_seconds"] + recorded["evaluate_seconds"]).median()
-    print(f"dvc repro, {len(runs)} runs, train.finetune {args.finetune}, random init, {args.data_dir}: "
+    print(f"{date.today()}, {machine()}, commit {commit}, load {load_at_start:.2f} at the start")
+    print(f"dvc repro, {len(runs)} runs, {summary['arch']}, train.finetune {args.finetune}, "
+          f"{summary['weights_source']}, {args.data_dir}: "
           f"{wall:.0f} s wall ({wall / len(runs):.1f} s per run)")
     print(f"  working: features {work['features']:.1f} s, training {work['train']:.1f} s, "
           f"evaluation {work['evaluate']:.1f} s (sum {sum(work.values()):.1f} s)")
@@ -94,10 +106,12 @@ def main() -> None:
           + f" = {process_starts:.1f} s")
     print(f"  DVC and everything else (split scans, file I/O, lock files): "
           f"{wall - sum(work.values()) - process_starts:.1f} s")
-    print(f"  test accuracy {summary['test_accuracy']['mean']:.4f}, balanced {summary['test_balanced_accuracy']['mean']:.4f} "
-          f"(random-init features: not a measure of the preset's accuracy)")
+    print(f"  test accuracy {summary['test_accuracy']['mean']:.4f}, "
+          f"balanced {summary['test_balanced_accuracy']['mean']:.4f} "
+          + ("" if args.pretrained else "(random-init features: not a measure of the preset's accuracy)"))
     print(f"full fine-tuning recorded in metrics/runs.csv: {full_run:.0f} s per run (median), "
-          f"{full_run * len(runs):.0f} s for {len(runs)} runs -> this preset is {full_run * len(runs) / wall:.1f}x faster")
+          f"{full_run * len(runs):.0f} s for {len(runs)} runs -> this preset is "
+          f"{full_run * len(runs) / wall:.1f}x faster")
 
 
 if __name__ == "__main__":
