@@ -142,7 +142,10 @@ def test_mistakes_stop_the_first_stage_with_the_projects_message(clone: Path, tm
     assert typo.returncode != 0
     assert "unknown parameter 'train.epochs' (did you mean 'train.max_epochs'?)" in typo.stderr
     assert "Running stage 'check-params'" in typo.stdout and "Running stage 'train" not in typo.stdout
-    run(["git", "checkout", "--", "params.yaml"], clone)  # a failed experiment leaves its parameters in place
+    assert "get the committed parameters back with 'git checkout params.yaml'" in typo.stderr
+    assert "epochs: 3" in (clone / "params.yaml").read_text()  # a failed experiment leaves its parameters in place
+    run(["git", "checkout", "params.yaml"], clone)  # the undo its message names, as printed
+    run(["git", "diff", "--exit-code", "params.yaml"], clone)
     missing = run_offline([*DVC, "exp", "run", "-S", f"data.dir={tmp_path / 'nowhere'}"], clone, check=False)
     assert missing.returncode != 0
     assert "nowhere (params.yaml 'data.dir') does not exist" in missing.stderr and OWN_DATA_COMMAND in missing.stderr
