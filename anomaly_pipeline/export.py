@@ -93,8 +93,10 @@ def main() -> None:
     if difference > TOLERANCE:
         raise PipelineError(f"{output}: exported model differs from PyTorch by {difference:.2e} "
                             f"(tolerance {TOLERANCE:.0e}) on {len(inputs)} test images")
-    log.info("wrote %s (%s); on %d test images its faulty probabilities match PyTorch within %.1e (max diff %.1e)",
-             output, args.format, len(inputs), TOLERANCE, difference)
+    size = trained.image_size
+    log.info("wrote %s (%s, input N x 3 x %d x %d, RGB, ImageNet-normalised, resize %s); on %d test images its "
+             "faulty probabilities match PyTorch within %.1e (max diff %.1e)", output, args.format, size, size,
+             trained.resize, len(inputs), TOLERANCE, difference)
 
 
 def cli() -> None:

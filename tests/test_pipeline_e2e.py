@@ -210,6 +210,7 @@ def test_export_matches_pytorch_and_prints_only_the_result(project: Path, fmt: s
     result = run([sys.executable, "-m", "anomaly_pipeline.export", "--run", "0", "--format", fmt], project)
     assert (project / "data" / "exports" / "run-0" / f"model.{fmt}").stat().st_size > 1_000_000
     assert "match PyTorch within 1.0e-04" in result.stderr
+    assert f"({fmt}, input N x 3 x 32 x 32, RGB, ImageNet-normalised, resize squash)" in result.stderr  # as trained
     assert len((result.stdout + result.stderr).strip().splitlines()) == 1, result.stdout + result.stderr
 
 
