@@ -45,6 +45,7 @@ from anomaly_pipeline.metrics import choose_threshold, classification_metrics
 from benchmarks.bench_fast_preset import clone_with_params
 from benchmarks.elpv_folders import write_folders
 from benchmarks.machine import machine
+from benchmarks.readme import command_lines
 
 RANDOM_INIT = "random init"  # what every record without a weights field was measured from
 
@@ -68,8 +69,8 @@ PRESET_MARK = "# robust preset"
 
 
 def readme_preset_words() -> list[str]:
-    """The README's robust preset command, split into words: its one 'dvc exp run ... # robust preset' line."""
-    lines = [line for line in (PROJECT / "README.md").read_text().splitlines() if line.rstrip().endswith(PRESET_MARK)]
+    """The README's robust preset command, split into words: its one 'dvc exp run ... # robust preset' command."""
+    lines = [line for line in command_lines() if line.rstrip().endswith(PRESET_MARK)]
     if len(lines) != 1 or not lines[0].startswith("dvc exp run "):
         raise ValueError(f"README.md must hold exactly one line 'dvc exp run ... {PRESET_MARK}' (found {len(lines)} "
                          f"ending with the mark)")
