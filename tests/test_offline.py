@@ -8,7 +8,6 @@ project's params.yaml: the README's own-data command trains from the Lite0 weigh
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import shutil
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from anomaly_pipeline.params import OWN_DATA_COMMAND
+from benchmarks.readme import command_lines
 from tests.conftest import (
     CHROMIUM_FLAGS,
     DVC,
@@ -25,6 +25,7 @@ from tests.conftest import (
     PROJECT,
     SMALL,
     commit_all,
+    copy_project_files,
     copy_subset,
     make_project,
     run,
@@ -37,8 +38,8 @@ STUDY_MD5 = "7da4d3bb8b857a3af485de4d7a74fc3a.dir"  # DVC's md5 of the study's 7
 
 
 def readme_command(start: str) -> str:
-    """The README's first command line that starts with ``start``, without its trailing comment."""
-    for line in (PROJECT / "README.md").read_text().splitlines():
+    """The README's first command that starts with ``start`` (continued lines joined), without its trailing comment."""
+    for line in command_lines():
         if line.startswith(start):
             return line.split("  #")[0].strip()
     raise AssertionError(f"README.md has no command starting with {start!r}")
@@ -55,6 +56,9 @@ def dvc_offline(command: str, cwd: Path, env: dict[str, str] | None = None, chec
 def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project as a user finds it: pinned to the study's dataset, nothing fetched or computed yet."""
     path = make_project(tmp_path_factory.mktemp("published") / "project")
+    recorded = run(["git", "ls-files", "dvc.lock", "metrics"], PROJECT).stdout.split()  # the committed result
+    assert "dvc.lock" in recorded and "metrics/plots/roc.csv" in recorded
+    copy_project_files(path, tuple(recorded))
     write_params(path, {**SMALL, "model.pretrained": True})
     commit_all(path, "published")
     return path
@@ -100,6 +104,7 @@ def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -
     own_data = readme_command("dvc exp run -S model.arch=efficientnet_lite0 -S data.dir=")
     first = dvc_offline(own_data.replace("/path/to/images", str(images)), clone)
     assert "Running stage 'check-params'" in first.stdout and "Running stage 'aggregate'" in first.stdout
+    assert "WARNING:" not in first.stdout + first.stderr  # none of DVC's (e.g. outputs the committed lock lacks)
     assert "train fresh " in first.stdout + first.stderr and "'clean'" not in first.stdout + first.stderr  # its names
     run_metrics = json.loads((clone / "metrics" / "runs" / "run-0.json").read_text())
     assert (run_metrics["arch"], run_metrics["weights"]) == ("efficientnet_lite0", "imagenet")
@@ -110,11 +115,12 @@ def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -
     assert "Running stage 'prepare-split@0'" in second.stdout
     assert "Data and pipelines are up to date." in dvc_offline("dvc repro", clone).stdout
 
-    shown = dvc_offline(readme_command("dvc exp show --no-pager --only-changed"), clone, {"COLUMNS": "160"}).stdout
-    header = next(line for line in shown.splitlines() if "Experiment" in line)
-    for column in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc", "seed"):
-        assert re.search(rf"\b{re.escape(column)}\b", header), shown
-    assert max(len(line) for line in shown.splitlines()) <= 160
+    assert "dvc_plots/index.html" in dvc_offline(readme_command("dvc plots diff HEAD"), clone).stdout
+    compared = json.loads(dvc_offline("dvc plots diff HEAD --json", clone).stdout)["data"]
+    assert len(compared) == 5
+    for title, plots in compared.items():  # the committed curves beside the workspace's
+        revisions = {row["rev"] for plot in plots for row in plot["content"]["data"]["values"]}
+        assert revisions == {"HEAD", "workspace"}, title
 
     experiments = json.loads(dvc_offline("dvc exp show --json", clone).stdout)
     names = [exp["name"] for baseline in experiments for exp in baseline.get("experiments") or []]
@@ -135,6 +141,31 @@ def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -
     assert predicted.stdout.count("rotten/") == len(subset["rotten"])
     for export_format in ("onnx", "pt2"):  # each checked against PyTorch on the run's test images
         run_offline([sys.executable, "-m", "anomaly_pipeline.export", "--run", "0", "--format", export_format], clone)
+
+
+HEADLINE = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc")
+
+
+def test_the_readmes_narrow_exp_show_fits_160_columns(clone: Path, tmp_path: Path) -> None:
+    fruit = shared_dataset(FRUIT)
+    subset = {cls: sorted(p.name for p in (fruit / cls).iterdir())[:6] for cls in ("fresh", "rotten")}
+    images = copy_subset(tmp_path / "my-images", fruit, subset)
+    write_params(clone, {**SMALL, "model.pretrained": True, "model.arch": "efficientnet_lite0", "runs": [0],
+                         "train.finetune": "head", "data.dir": str(images), "data.negative_class": "fresh",
+                         "data.positive_class": "rotten"})
+    commit_all(clone, "own data")
+    changed = {"seed": (1, 2), "train.lr": (0.0005, 0.002), "train.max_epochs": (3, 2)}
+    for values in zip(*changed.values()):  # two experiments that differ in three parameters
+        dvc_offline("dvc exp run " + " ".join(f"-S {key}={value}" for key, value in zip(changed, values)), clone)
+
+    shown = dvc_offline(readme_command("dvc exp show --no-pager"), clone, {"COLUMNS": "160"}).stdout
+    lines = shown.splitlines()
+    header = next(line for line in lines if "Experiment" in line).split()
+    assert header == ["Experiment", *HEADLINE, *changed], shown  # no dependency column, nothing folded
+    assert "…" not in shown and max(len(line) for line in lines) <= 160, shown
+    names = [exp["name"] for baseline in json.loads(dvc_offline("dvc exp show --json", clone).stdout)
+             for exp in baseline.get("experiments") or []]
+    assert len(names) == 2 and all(f"[{name}]" in shown for name in names), shown
 
 
 def test_mistakes_stop_the_first_stage_with_the_projects_message(clone: Path, tmp_path: Path) -> None:
