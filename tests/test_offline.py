@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from anomaly_pipeline.params import OWN_DATA_COMMAND
+from anomaly_pipeline.summary import HEADLINE_METRICS
 from benchmarks.readme import command_lines
 from tests.conftest import (
     CHROMIUM_FLAGS,
@@ -43,6 +44,19 @@ def readme_command(start: str) -> str:
         if line.startswith(start):
             return line.split("  #")[0].strip()
     raise AssertionError(f"README.md has no command starting with {start!r}")
+
+
+def fruit_images(destination: Path, per_class: int) -> Path:
+    """The first ``per_class`` fresh and rotten images of the fruit set, as a user's own folder."""
+    fruit = shared_dataset(FRUIT)
+    subset = {cls: sorted(p.name for p in (fruit / cls).iterdir())[:per_class] for cls in ("fresh", "rotten")}
+    return copy_subset(destination, fruit, subset)
+
+
+def experiment_names(project: Path) -> list[str]:
+    """The names of the experiments DVC holds in ``project`` (dvc exp show --json)."""
+    baselines = json.loads(dvc_offline("dvc exp show --json", project).stdout)
+    return [exp["name"] for baseline in baselines for exp in baseline.get("experiments") or []]
 
 
 def dvc_offline(command: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True):
@@ -98,9 +112,8 @@ def test_a_local_copy_of_the_study_dataset_is_checked_and_gives_the_pinned_md5(c
 
 
 def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -> None:
-    fruit = shared_dataset(FRUIT)
-    subset = {cls: sorted(p.name for p in (fruit / cls).iterdir())[:10] for cls in ("fresh", "rotten")}
-    images = copy_subset(tmp_path / "my-images", fruit, subset)
+    per_class = 10
+    images = fruit_images(tmp_path / "my-images", per_class)
     own_data = readme_command("dvc exp run -S model.arch=efficientnet_lite0 -S data.dir=")
     first = dvc_offline(own_data.replace("/path/to/images", str(images)), clone)
     assert "Running stage 'check-params'" in first.stdout and "Running stage 'aggregate'" in first.stdout
@@ -122,8 +135,7 @@ def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -
         revisions = {row["rev"] for plot in plots for row in plot["content"]["data"]["values"]}
         assert revisions == {"HEAD", "workspace"}, title
 
-    experiments = json.loads(dvc_offline("dvc exp show --json", clone).stdout)
-    names = [exp["name"] for baseline in experiments for exp in baseline.get("experiments") or []]
+    names = experiment_names(clone)
     assert len(names) == 2
     dvc_offline(f"dvc exp apply {names[-1]}", clone)
     diff = dvc_offline("dvc metrics diff", clone).stdout
@@ -138,18 +150,13 @@ def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -
         assert dom.count('class="marks"') == 5, dom[-2000:]  # every chart drawn (vega's canvas)
 
     predicted = run_offline([sys.executable, "-m", "anomaly_pipeline.predict", str(images / "rotten")], clone)
-    assert predicted.stdout.count("rotten/") == len(subset["rotten"])
+    assert predicted.stdout.count("rotten/") == per_class
     for export_format in ("onnx", "pt2"):  # each checked against PyTorch on the run's test images
         run_offline([sys.executable, "-m", "anomaly_pipeline.export", "--run", "0", "--format", export_format], clone)
 
 
-HEADLINE = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc")
-
-
 def test_the_readmes_narrow_exp_show_fits_160_columns(clone: Path, tmp_path: Path) -> None:
-    fruit = shared_dataset(FRUIT)
-    subset = {cls: sorted(p.name for p in (fruit / cls).iterdir())[:6] for cls in ("fresh", "rotten")}
-    images = copy_subset(tmp_path / "my-images", fruit, subset)
+    images = fruit_images(tmp_path / "my-images", 6)
     write_params(clone, {**SMALL, "model.pretrained": True, "model.arch": "efficientnet_lite0", "runs": [0],
                          "train.finetune": "head", "data.dir": str(images), "data.negative_class": "fresh",
                          "data.positive_class": "rotten"})
@@ -161,10 +168,9 @@ def test_the_readmes_narrow_exp_show_fits_160_columns(clone: Path, tmp_path: Pat
     shown = dvc_offline(readme_command("dvc exp show --no-pager"), clone, {"COLUMNS": "160"}).stdout
     lines = shown.splitlines()
     header = next(line for line in lines if "Experiment" in line).split()
-    assert header == ["Experiment", *HEADLINE, *changed], shown  # no dependency column, nothing folded
+    assert header == ["Experiment", *HEADLINE_METRICS, *changed], shown  # no dependency column, nothing folded
     assert "…" not in shown and max(len(line) for line in lines) <= 160, shown
-    names = [exp["name"] for baseline in json.loads(dvc_offline("dvc exp show --json", clone).stdout)
-             for exp in baseline.get("experiments") or []]
+    names = experiment_names(clone)
     assert len(names) == 2 and all(f"[{name}]" in shown for name in names), shown
 
 
