@@ -18,3 +18,12 @@ def command_lines(readme: Path = README) -> list[str]:
         lines.append(pending + line.strip() if pending else line)
         pending = ""
     return lines
+
+
+def readme_command(start: str, readme: Path = README) -> str:
+    """The first command line of ``readme`` that starts with ``start`` (continued lines joined), without its trailing
+    comment."""
+    for line in command_lines(readme):
+        if line.startswith(start):
+            return line.split("  #")[0].strip()
+    raise ValueError(f"{readme.name} has no command starting with {start!r}")

@@ -17,7 +17,7 @@ import pytest
 
 from anomaly_pipeline.params import OWN_DATA_COMMAND
 from anomaly_pipeline.summary import HEADLINE_METRICS
-from benchmarks.readme import command_lines
+from benchmarks.readme import readme_command
 from tests.conftest import (
     CHROMIUM_FLAGS,
     DVC,
@@ -36,14 +36,6 @@ from tests.conftest import (
 )
 
 STUDY_MD5 = "7da4d3bb8b857a3af485de4d7a74fc3a.dir"  # DVC's md5 of the study's 700 images (data/raw)
-
-
-def readme_command(start: str) -> str:
-    """The README's first command that starts with ``start`` (continued lines joined), without its trailing comment."""
-    for line in command_lines():
-        if line.startswith(start):
-            return line.split("  #")[0].strip()
-    raise AssertionError(f"README.md has no command starting with {start!r}")
 
 
 def fruit_images(destination: Path, per_class: int) -> Path:

