@@ -119,6 +119,8 @@ CONFIGS: dict[str, dict[str, object]] = {
     "lite0-robust-lpft": {**readme_preset(), "model.pretrained": True, "train.head_epochs": 2,
                           "train.backbone_lr_factor": 0.1},
 }
+
+
 def set_folder(name: str) -> tuple[Path, str, str]:
     """The set's folder and class names; the elpv sets are laid out from the installed package first."""
     folder, negative, positive = SETS[name]
