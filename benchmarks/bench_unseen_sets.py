@@ -89,6 +89,7 @@ def readme_preset() -> dict[str, object]:
 # same options without model.arch), and "robust-..." the candidates measured then; the others are options one at a
 # time.
 LITE0_IMAGENET = {"model.arch": "efficientnet_lite0", "model.pretrained": True}
+LITE0_ROBUST = {**readme_preset(), "model.pretrained": True}
 RANDOM_INIT_ROBUST = {"train.class_balance": "weighted_loss", "train.augment": ["flip", "rotate90"],
                       "model.resize": "pad", "evaluate.threshold": "max_balanced_accuracy"}
 CONFIGS: dict[str, dict[str, object]] = {
@@ -112,12 +113,11 @@ CONFIGS: dict[str, dict[str, object]] = {
     # otherwise; the README's robust preset; and the floor any fine-tuning must clear, a frozen backbone with a
     # linear head (train.finetune head).
     "lite0": LITE0_IMAGENET,
-    "lite0-robust": {**readme_preset(), "model.pretrained": True},
+    "lite0-robust": LITE0_ROBUST,
     "lite0-head": {**LITE0_IMAGENET, "train.finetune": "head"},
     # A candidate for the robust preset with ImageNet features: fine-tuning that keeps them, the head alone for 2
     # epochs first, then every other layer at a tenth of the head's rate (LP-FT, Kumar et al. 2022).
-    "lite0-robust-lpft": {**readme_preset(), "model.pretrained": True, "train.head_epochs": 2,
-                          "train.backbone_lr_factor": 0.1},
+    "lite0-robust-lpft": {**LITE0_ROBUST, "train.head_epochs": 2, "train.backbone_lr_factor": 0.1},
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -182,6 +183,13 @@ def run_offline(command: list[str], cwd: Path, env: dict[str, str] | None = None
     """``run`` with the network cut for the command."""
     prefix, cut = network_cut()
     return run([*prefix, *command], cwd, {**cut, **(env or {})}, check)
+
+
+def dvc_offline(command: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True):
+    """A README command line (``dvc ...``) run through this interpreter's DVC with the network cut."""
+    words = shlex.split(command)
+    assert words[0] == "dvc"
+    return run_offline([*DVC, *words[1:]], cwd, env, check)
 
 
 def study_archive(destination: Path, subset: dict[str, list[str]]) -> tuple[str, str]:

