@@ -3,22 +3,25 @@
     python -m benchmarks.bench_unseen_sets [--sets fruit elpv-rare ...] [--configs study robust ...] [--runs 3]
     python -m benchmarks.bench_unseen_sets --table
     python -m benchmarks.bench_unseen_sets --rescore [--sets ...] [--configs robust ...]
+    python -m benchmarks.bench_unseen_sets --misses --sets fruit [--configs lite0 lite0-robust ...]
 
-Each run of a cell (set x configuration) is a clean clone of this checkout (HEAD, or --commit) that runs
-`dvc repro` with model.pretrained false (unless the configuration asks for ImageNet weights), runs [N] (run N's split, seed and model do not depend on the other
-runs), data.dir set to the set and the configuration's parameters. Its test figures, its validation figures and
-both sets of scores (label, score) are appended to benchmarks/results/unseen_sets.jsonl as soon as it ends
-(with the date, commit and machine), and runs already there are not run again: a measurement of many hours can
-be stopped and resumed run by run. Balanced accuracy, recall and specificity are at each run's own decision
-threshold; PR-AUC (average precision) is computed here from the run's test predictions, so cells measured
-before the pipeline reported it are comparable. Configurations are compared by the validation figures recorded
-beside (each run's balanced accuracy and PR-AUC on its own validation images), never by the test figures.
-Seconds per run = training + evaluation as the stages record them. A change of the threshold rule alone does
-not need hours of training again: --rescore judges every recorded model that trained as a configuration with
-a threshold rule does (its own runs; the study's runs for 'threshold') by this checkout's rule, from the run's
-recorded validation and test scores, and appends the figures (the commit column then reads TRAINED>RULE, RULE
-being the last commit that changed the rule). Earlier candidates for the preset stay in
-the results under their own names (preset-1, preset-2), measured at their commits.
+Each run of a cell (set x configuration) is a clean clone of this checkout (HEAD, or --commit) that runs `dvc repro`
+with model.pretrained false (unless the configuration asks for ImageNet weights), runs [N] (run N's split, seed and
+model do not depend on the other runs), data.dir set to the set and the configuration's parameters. Its test
+figures, its validation figures and both sets of scores (label, score) are appended to
+benchmarks/results/unseen_sets.jsonl as soon as it ends (with the date, commit and machine), and runs already there
+are not run again: a measurement of many hours can be stopped and resumed run by run. Balanced accuracy, recall and
+specificity are at each run's own decision threshold; PR-AUC (average precision) is computed here from the run's
+test predictions, so cells measured before the pipeline reported it are comparable. Configurations are compared by
+the validation figures recorded beside (each run's balanced accuracy and PR-AUC on its own validation images), never
+by the test figures. Seconds per run = training + evaluation as the stages record them. A change of the threshold
+rule alone does not need hours of training again: --rescore judges every recorded model that trained as a
+configuration with a threshold rule does (its own runs; the study's runs for 'threshold') by this checkout's rule,
+from the run's recorded validation and test scores, and appends the figures (the commit column then reads
+TRAINED>RULE, RULE being the last commit that changed the rule). Earlier candidates for the preset stay in the
+results under their own names (preset-1, preset-2), measured at their commits. --misses lists the test images that
+several recorded runs misclassified (from the runs kept in ../bench-runs): a few hard or debatable images show apart
+from errors spread over the set.
 """
 
 from __future__ import annotations
@@ -218,7 +221,8 @@ def rescore(record: dict, config: str, commit: str, default_target_recall: float
     the run's recorded validation scores, and the test figures at that threshold. This is what the evaluate stage
     at ``commit`` computes from the same model: ``config`` trains exactly as the recorded run did."""
     changes = CONFIGS[config]
-    val, test = ({key: np.asarray(values) for key, values in record["scores"][part].items()} for part in ("val", "test"))
+    val, test = ({key: np.asarray(values) for key, values in record["scores"][part].items()}
+                 for part in ("val", "test"))
     threshold = choose_threshold(changes["evaluate.threshold"], val["label"], val["score"],
                                  changes.get("evaluate.target_recall", default_target_recall))
     figures = classification_metrics(test["label"], test["score"], threshold)
@@ -240,7 +244,8 @@ def rescored_runs(sets: list[str], configs: list[str], commit: str) -> list[dict
     for config in (name for name in configs if isinstance(CONFIGS[name].get("evaluate.threshold"), str)):
         for set_name in sets:
             done = {run["run"] for run in cells.get((set_name, config), []) if run.get("rule_commit") == commit}
-            sources = sorted({name for cell_set, name in cells if cell_set == set_name}, key=lambda name: name != config)
+            sources = sorted({name for cell_set, name in cells if cell_set == set_name},
+                             key=lambda name: name != config)
             for source in sources:
                 for run in cells[(set_name, source)]:
                     if ("scores" in run and run["run"] not in done
@@ -299,6 +304,38 @@ def table(cells: dict[tuple[str, str], list[dict]]) -> str:
     return pd.DataFrame(rows).to_string(index=False) if rows else "(no results yet)"
 
 
+SHOWN_MISSES = 20  # images listed per set by --misses, the most often missed first
+
+
+def recurring_misses(cells: dict[tuple[str, str], list[dict]], sets: list[str], configs: list[str]) -> str:
+    """Per set, the test images misclassified in more than one recorded run of ``configs`` (each run at its own
+    threshold, its image paths from the kept run's predictions): how often each was missed, and how often tested."""
+    lines = []
+    for set_name in sets:
+        tested: dict[str, int] = {}
+        missed: dict[str, int] = {}
+        runs = [run for config in configs for run in cells.get((set_name, config), [])
+                if "scores" in run and Path(run.get("kept", "")).joinpath("eval", "predictions.csv").exists()]
+        for run in runs:
+            paths = pd.read_csv(Path(run["kept"]) / "eval" / "predictions.csv")["path"]
+            test = run["scores"]["test"]
+            if len(paths) != len(test["label"]):
+                raise SystemExit(f"{run['kept']}: its predictions do not match the recorded run "
+                                 f"({set_name} / {run['config']} / run {run['run']}): measure it again (--again)")
+            for path, label, score in zip(paths, test["label"], test["score"]):
+                tested[path] = tested.get(path, 0) + 1
+                missed[path] = missed.get(path, 0) + int((score >= run["threshold"]) != label)
+        total = sum(missed.values())
+        recurring = sorted((path for path, count in missed.items() if count > 1), key=lambda path: -missed[path])
+        lines.append(f"{set_name}: {total} misclassifications in {len(runs)} runs ({', '.join(configs)}), "
+                     f"{sum(missed[path] for path in recurring)} of them on {len(recurring)} images missed more "
+                     "than once")
+        lines += [f"  missed {missed[path]} of {tested[path]} times  {path}" for path in recurring[:SHOWN_MISSES]]
+        if len(recurring) > SHOWN_MISSES:
+            lines.append(f"  ... and {len(recurring) - SHOWN_MISSES} more images")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
@@ -310,7 +347,12 @@ def main() -> None:
     parser.add_argument("--rescore", action="store_true",
                         help="judge recorded models as each configuration with a threshold rule does, with this "
                              "checkout's rule, from their recorded scores (no training)")
+    parser.add_argument("--misses", action="store_true",
+                        help="only list the test images that more than one recorded run misclassified")
     args = parser.parse_args()
+    if args.misses:
+        print(recurring_misses(read_results(), args.sets, args.configs))
+        return
     if args.rescore:
         records = rescored_runs(args.sets, args.configs, rule_commit())
         with RESULTS_FILE.open("a") as results:
