@@ -118,6 +118,9 @@ CONFIGS: dict[str, dict[str, object]] = {
     "lite0": LITE0_IMAGENET,
     "lite0-robust": LITE0_ROBUST,
     "lite0-head": {**LITE0_IMAGENET, "train.finetune": "head"},
+    # The fast preset's other choice: Lite0's last stage and head convolution trained too, on the cached output of
+    # the frozen stages (a candidate for the fast preset, to weigh against the head alone on validation figures).
+    "lite0-last-block": {**LITE0_IMAGENET, "train.finetune": "last_block"},
     # The floor at the elpv cells' own size (300 px instead of 224): do the frozen features rank thin cracks better
     # with more of their pixels? (A cheap probe before fine-tuning at 300 px, about 1.8x the arithmetic.)
     "lite0-head-300px": {**LITE0_IMAGENET, "train.finetune": "head", "model.image_size": 300},
