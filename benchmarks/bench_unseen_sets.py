@@ -323,12 +323,12 @@ def recurring_misses(cells: dict[tuple[str, str], list[dict]], sets: list[str], 
         runs = [run for config in configs for run in cells.get((set_name, config), [])
                 if "scores" in run and Path(run.get("kept", "")).joinpath("eval", "predictions.csv").exists()]
         for run in runs:
-            paths = pd.read_csv(Path(run["kept"]) / "eval" / "predictions.csv")["path"]
+            kept = pd.read_csv(Path(run["kept"]) / "eval" / "predictions.csv")
             test = run["scores"]["test"]
-            if len(paths) != len(test["label"]):
+            if kept["label"].tolist() != test["label"] or not np.allclose(kept["score"], test["score"], atol=1e-5):
                 raise SystemExit(f"{run['kept']}: its predictions do not match the recorded run "
                                  f"({set_name} / {run['config']} / run {run['run']}): measure it again (--again)")
-            for path, label, score in zip(paths, test["label"], test["score"]):
+            for path, label, score in zip(kept["path"], test["label"], test["score"]):
                 tested[path] = tested.get(path, 0) + 1
                 missed[path] = missed.get(path, 0) + int((score >= run["threshold"]) != label)
         total = sum(missed.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from benchmarks.bench_unseen_sets import recurring_misses
 
@@ -32,3 +33,10 @@ def test_recurring_misses_counts_each_image_at_each_runs_own_threshold(tmp_path:
         "fruit: 3 misclassifications in 2 runs (lite0), 2 of them on 1 images missed more than once",
         "  missed 2 of 2 times  fresh/orange.jpg",
     ]
+
+
+def test_recurring_misses_refuses_a_kept_run_that_is_not_the_recorded_one(tmp_path: Path) -> None:
+    run = kept_run(tmp_path / "run-0", 0, ["fresh/orange.jpg", "rotten/mould.jpg"], [0, 1], [0.9, 0.3], 0.5)
+    run["scores"]["test"]["score"] = [0.1, 0.3]  # the folder was measured again after this record
+    with pytest.raises(SystemExit, match="run-0: its predictions do not match the recorded run"):
+        recurring_misses({("fruit", "lite0"): [run]}, ["fruit"], ["lite0"])
