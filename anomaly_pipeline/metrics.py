@@ -27,6 +27,11 @@ log = logging.getLogger("anomaly_pipeline.metrics")
 OPERATING_POINT = 0.95
 
 
+def predicted_labels(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The decision rule, everywhere: 1 (faulty) where the faulty probability is >= the threshold, else 0."""
+    return (np.asarray(scores) >= threshold).astype(int)
+
+
 def candidate_thresholds(scores: np.ndarray) -> np.ndarray:
     """Every threshold that separates the scores differently: midpoints between neighbouring distinct scores,
     one below the lowest and one above the highest (an image is faulty when its score is >= the threshold)."""
@@ -110,7 +115,7 @@ def operating_points(labels: np.ndarray, scores: np.ndarray, level: float = OPER
 def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict:
     """Binary metrics (positive class = 1 = faulty) from true labels and positive-class probabilities: at the
     threshold, then the operating points that do not depend on it."""
-    predicted = (scores >= threshold).astype(int)
+    predicted = predicted_labels(scores, threshold)
     tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
     both_classes = len(np.unique(labels)) == 2
     return {

@@ -4,9 +4,9 @@
     (or: python -m anomaly_pipeline.predict ...)
 
 Without --run it uses the run with the lowest validation loss; without --threshold, the threshold that run's
-evaluation used (evaluate.threshold, or what its rule chose on the run's validation images). Folders are searched recursively;
-files that cannot be read are reported and skipped. The table goes to the terminal; a CSV is written
-only where --output says.
+evaluation used (evaluate.threshold, or what its rule chose on the run's validation images). Folders are
+searched recursively; files that cannot be read are reported and skipped. The table goes to the terminal; a CSV
+is written only where --output says.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from anomaly_pipeline.errors import PipelineError
 from anomaly_pipeline.files import read_json, write_csv_atomic
 from anomaly_pipeline.images import list_folder
 from anomaly_pipeline.layout import RunPaths
+from anomaly_pipeline.metrics import predicted_labels
 from anomaly_pipeline.model import load_trained_model, predict_scores, resolve_device
 from anomaly_pipeline.params import check_run, load_params
 from anomaly_pipeline.tensors import load_image, normalize
@@ -82,8 +83,8 @@ def predict(images: list[Path], run: int, threshold: float, class_names: tuple[s
         rows.append(row)
     if tensors:
         scores = predict_scores(trained.network, torch.stack(tensors), batch_size, device, normalize)
-        for row, score in zip(readable, scores):
-            row.update(faulty_probability=round(float(score), 6), label=class_names[int(score >= threshold)])
+        for row, score, predicted in zip(readable, scores, predicted_labels(scores, threshold)):
+            row.update(faulty_probability=round(float(score), 6), label=class_names[predicted])
     return pd.DataFrame(rows, columns=["path", "faulty_probability", "label", "error"])
 
 

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ import pandas as pd
 import yaml
 from sklearn.metrics import average_precision_score
 
-from anomaly_pipeline.metrics import choose_threshold, classification_metrics
+from anomaly_pipeline.metrics import choose_threshold, classification_metrics, predicted_labels
 from benchmarks.bench_fast_preset import clone_with_params
 from benchmarks.elpv_folders import write_folders
 from benchmarks.machine import machine
@@ -318,8 +319,8 @@ def recurring_misses(cells: dict[tuple[str, str], list[dict]], sets: list[str], 
     threshold, its image paths from the kept run's predictions): how often each was missed, and how often tested."""
     lines = []
     for set_name in sets:
-        tested: dict[str, int] = {}
-        missed: dict[str, int] = {}
+        tested: Counter[str] = Counter()
+        missed: Counter[str] = Counter()
         runs = [run for config in configs for run in cells.get((set_name, config), [])
                 if "scores" in run and Path(run.get("kept", "")).joinpath("eval", "predictions.csv").exists()]
         for run in runs:
@@ -328,11 +329,11 @@ def recurring_misses(cells: dict[tuple[str, str], list[dict]], sets: list[str], 
             if kept["label"].tolist() != test["label"] or not np.allclose(kept["score"], test["score"], atol=1e-5):
                 raise SystemExit(f"{run['kept']}: its predictions do not match the recorded run "
                                  f"({set_name} / {run['config']} / run {run['run']}): measure it again (--again)")
-            for path, label, score in zip(kept["path"], test["label"], test["score"]):
-                tested[path] = tested.get(path, 0) + 1
-                missed[path] = missed.get(path, 0) + int((score >= run["threshold"]) != label)
+            tested.update(kept["path"])
+            wrong = predicted_labels(test["score"], run["threshold"]) != np.asarray(test["label"])
+            missed.update(kept["path"][wrong])
         total = sum(missed.values())
-        recurring = sorted((path for path, count in missed.items() if count > 1), key=lambda path: -missed[path])
+        recurring = [path for path, count in missed.most_common() if count > 1]
         lines.append(f"{set_name}: {total} misclassifications in {len(runs)} runs ({', '.join(configs)}), "
                      f"{sum(missed[path] for path in recurring)} of them on {len(recurring)} images missed more "
                      "than once")

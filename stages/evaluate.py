@@ -20,7 +20,7 @@ from anomaly_pipeline.explain import grad_cam, overlay
 from anomaly_pipeline.files import atomic_dir, read_json, write_csv_atomic, write_json_atomic
 from anomaly_pipeline.inputs import ModelInputs
 from anomaly_pipeline.layout import SPLITS, EvalFiles, RunPaths, read_manifest
-from anomaly_pipeline.metrics import choose_threshold, classification_metrics
+from anomaly_pipeline.metrics import choose_threshold, classification_metrics, predicted_labels
 from anomaly_pipeline.model import load_trained_model, predict_scores, resolve_device
 from anomaly_pipeline.params import load_params
 from anomaly_pipeline.tensors import load_image
@@ -50,9 +50,9 @@ def main() -> None:
                  len(manifests["val"]))
     train_scores, test_scores = score(manifests["train"]), score(manifests["test"])
     test = classification_metrics(manifests["test"]["label"].to_numpy(), test_scores, threshold)
-    train_accuracy = accuracy_score(manifests["train"]["label"], (train_scores >= threshold).astype(int))
+    train_accuracy = accuracy_score(manifests["train"]["label"], predicted_labels(train_scores, threshold))
     predictions = manifests["test"].assign(
-        score=np.round(test_scores, 6), predicted=(test_scores >= threshold).astype(int)
+        score=np.round(test_scores, 6), predicted=predicted_labels(test_scores, threshold)
     )
     with atomic_dir(paths.eval.dir) as out:
         files = EvalFiles(out)

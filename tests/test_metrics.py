@@ -6,7 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anomaly_pipeline.metrics import classification_metrics
+from anomaly_pipeline.metrics import (
+    classification_metrics,
+    predicted_labels,
+    recall_and_specificity_at,
+    sorted_class_scores,
+)
 from anomaly_pipeline.summary import summarize
 
 
@@ -24,6 +29,19 @@ def test_classification_metrics_hand_checked() -> None:
     assert metrics["f1"] == pytest.approx(2 * 0.75 * 0.6 / (0.75 + 0.6))
     # 13 of the 15 (faulty, clean) pairs are ranked correctly.
     assert metrics["roc_auc"] == pytest.approx(13 / 15)
+
+
+def test_decision_rule_is_the_one_the_threshold_rules_count_with() -> None:
+    """A score equal to the threshold is faulty, and the rules that choose a threshold on validation count
+    recall and specificity exactly as the labels the evaluate stage and anomaly-predict write would give."""
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.2, 0.5, 0.5, 0.5, 0.7, 0.1])
+    assert predicted_labels(scores, 0.5).tolist() == [0, 1, 1, 1, 1, 0]
+    thresholds = np.array([0.0, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9])
+    recall, specificity = recall_and_specificity_at(thresholds, *sorted_class_scores(labels, scores))
+    for threshold, rule_recall, rule_specificity in zip(thresholds, recall, specificity):
+        metrics = classification_metrics(labels, scores, threshold)
+        assert (metrics["recall"], metrics["specificity"]) == pytest.approx((rule_recall, rule_specificity))
 
 
 def test_model_that_never_says_faulty_scores_high_accuracy_but_zero_recall() -> None:
