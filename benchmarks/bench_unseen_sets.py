@@ -119,11 +119,11 @@ CONFIGS: dict[str, dict[str, object]] = {
     "lite0": LITE0_IMAGENET,
     "lite0-robust": LITE0_ROBUST,
     "lite0-head": {**LITE0_IMAGENET, "train.finetune": "head"},
-    # The fast preset's other choice: Lite0's last stage and head convolution trained too, on the cached output of
-    # the frozen stages (a candidate for the fast preset, to weigh against the head alone on validation figures).
+    # The README's fast preset (since 2026-12-03, chosen over the head alone on validation figures): Lite0's last
+    # stage and head convolution trained too, on the cached output of the frozen stages.
     "lite0-last-block": {**LITE0_IMAGENET, "train.finetune": "last_block"},
     # The floor at the elpv cells' own size (300 px instead of 224): do the frozen features rank thin cracks better
-    # with more of their pixels? (A cheap probe before fine-tuning at 300 px, about 1.8x the arithmetic.)
+    # with more of their pixels? Measured: no (worse on elpv and elpv-rare, on test and validation alike).
     "lite0-head-300px": {**LITE0_IMAGENET, "train.finetune": "head", "model.image_size": 300},
     # A candidate for the robust preset with ImageNet features: fine-tuning that keeps them, the head alone for 2
     # epochs first, then every other layer at a tenth of the head's rate (LP-FT, Kumar et al. 2022).

