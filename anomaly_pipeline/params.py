@@ -39,6 +39,7 @@ Ratio = Annotated[float, Field(gt=0, lt=1)]
 Finetune = Literal["all", "last_block", "head"]
 ThresholdRule = Literal["max_balanced_accuracy", "target_recall"]
 Augmentation = Literal["flip", "rotate90", "affine", "color"]
+BestBy = Literal["val_loss", "val_roc_auc"]
 
 
 class Section(BaseModel):
@@ -101,7 +102,9 @@ class TrainParams(Section):
     lr: float = Field(gt=0)
     min_epochs: int = Field(ge=1)
     max_epochs: int = Field(ge=1)
-    patience: int = Field(ge=0, description="epochs without a better validation loss before training stops")
+    patience: int = Field(ge=0, description="epochs without a better validation figure (train.best_by) before training "
+                                            "stops")
+    best_by: BestBy = "val_loss"
     scheduler: SchedulerParams
     finetune: Finetune = "all"
     amp: bool = False

@@ -3,10 +3,10 @@
     anomaly-predict IMAGE_OR_FOLDER ... [--run N] [--threshold 0.5] [--output predictions.csv]
     (or: python -m anomaly_pipeline.predict ...)
 
-Without --run it uses the run with the lowest validation loss; without --threshold, the threshold that run's
-evaluation used (evaluate.threshold, or what its rule chose on the run's validation images). Folders are
-searched recursively; files that cannot be read are reported and skipped. The table goes to the terminal; a CSV
-is written only where --output says.
+Without --run it uses the run with the best validation figure (train.best_by: the lowest loss); without
+--threshold, the threshold that run's evaluation used (evaluate.threshold, or what its rule chose on the run's
+validation images). Folders are searched recursively; files that cannot be read are reported and skipped. The
+table goes to the terminal; a CSV is written only where --output says.
 """
 
 from __future__ import annotations
@@ -27,18 +27,19 @@ from anomaly_pipeline.metrics import predicted_labels
 from anomaly_pipeline.model import load_trained_model, predict_scores, resolve_device
 from anomaly_pipeline.params import check_run, load_params
 from anomaly_pipeline.tensors import load_image, normalize
+from anomaly_pipeline.training import selection_key
 
 log = logging.getLogger("anomaly_pipeline.predict")
 SKIPPED = "skipped"
 
 
 def best_run(runs: list[int]) -> int:
-    """The trained run with the lowest best validation loss."""
-    losses = {run: read_json(RunPaths(run).model.summary)["best_val_loss"]
-              for run in runs if RunPaths(run).model.summary.is_file()}
-    if not losses:
+    """The trained run whose kept epoch has the best validation figure, by the rule that kept it (train.best_by)."""
+    summaries = {run: read_json(RunPaths(run).model.summary) for run in runs if RunPaths(run).model.summary.is_file()}
+    if not summaries:
         raise PipelineError("no trained run found: run 'dvc repro' first")
-    return min(losses, key=losses.get)
+    return min(summaries, key=lambda run: selection_key(summaries[run]["best_by"], summaries[run]["best_val_loss"],
+                                                        summaries[run]["best_val_roc_auc"]))
 
 
 def run_threshold(run: int) -> float:
@@ -92,7 +93,7 @@ def main() -> None:
     params = load_params()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="+", type=Path, help="image files or folders")
-    parser.add_argument("--run", type=int, help="run whose model to use (default: lowest validation loss)")
+    parser.add_argument("--run", type=int, help="run whose model to use (default: the best validation figure)")
     parser.add_argument("--threshold", type=float,
                         help="faulty when the probability is at least this (default: the run's evaluation threshold)")
     parser.add_argument("--output", type=Path, help="also write the table to this CSV file")

@@ -7,16 +7,17 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import pandas as pd
 import torch
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from anomaly_pipeline.augment import Augment, augmentation, balanced_order, class_weights
 from anomaly_pipeline.errors import PipelineError
 from anomaly_pipeline.model import Prepare, classifier
-from anomaly_pipeline.params import TrainParams
+from anomaly_pipeline.params import BestBy, TrainParams
 from anomaly_pipeline.tensors import normalize
 
 log = logging.getLogger("anomaly_pipeline.train")
@@ -46,24 +47,39 @@ def use_amp(settings: TrainParams, device: torch.device) -> bool:
     return settings.amp and device.type == "cuda"
 
 
+class Validation(NamedTuple):
+    """One pass over the validation inputs: mean cross-entropy, accuracy (argmax) and ROC-AUC of the faulty
+    probability."""
+
+    loss: float
+    accuracy: float
+    roc_auc: float
+
+
+def selection_key(best_by: BestBy, loss: float, roc_auc: float) -> tuple[float, ...]:
+    """What train.best_by compares, lower is better: the validation loss, or the validation ROC-AUC with ties
+    (a saturated 1.0, say) going to the lower loss."""
+    return (loss,) if best_by == "val_loss" else (-roc_auc, loss)
+
+
 @dataclass
 class EarlyStopping:
-    """Early stopping on the validation loss: at least ``min_epochs``, at most ``max_epochs``, and stop once
-    ``patience`` epochs in a row brought no better loss than the best so far."""
+    """Early stopping on a validation figure (``selection_key``, lower is better): at least ``min_epochs``, at
+    most ``max_epochs``, and stop once ``patience`` epochs in a row brought nothing better than the best so far."""
 
     min_epochs: int
     max_epochs: int
     patience: int
-    best_loss: float = math.inf
+    best: tuple[float, ...] = (math.inf,)
     epochs_since_best: int = 0
     epoch: int = 0
 
-    def update(self, val_loss: float) -> bool:
-        """Record one epoch's validation loss; True when it is the best so far."""
+    def update(self, key: tuple[float, ...]) -> bool:
+        """Record one epoch's figure; True when it is the best so far."""
         self.epoch += 1
-        improved = val_loss < self.best_loss
+        improved = key < self.best
         if improved:
-            self.best_loss, self.epochs_since_best = val_loss, 0
+            self.best, self.epochs_since_best = key, 0
         else:
             self.epochs_since_best += 1
         return improved
@@ -125,27 +141,30 @@ def train_one_epoch(
 def validate(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
     prepare: Prepare = normalize, amp: bool = False, balanced: bool = False,
-) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy on held-out inputs, in eval mode.
+) -> Validation:
+    """Loss, accuracy and ROC-AUC on held-out inputs (both classes among them), in eval mode.
 
     ``balanced`` weights each image's loss by the inverse frequency of its class, so that both classes count
     the same in the loss that picks the best epoch.
     """
     model.eval()
     weights = class_weights(labels).to(device) if balanced else None
-    total_loss, correct = 0.0, 0
+    total_loss, correct, scores = 0.0, 0, []
     for index in batches(len(images), batch_size, None):
         with autocast(device, amp):
             logits = model(prepare(images[index], device)).float()
         targets = labels[index].to(device)
+        scores.append(logits.softmax(1)[:, 1].cpu())
         if weights is None:
             total_loss += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         else:
             losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
             total_loss += (losses * weights[targets]).sum().item()
         correct += (logits.argmax(1) == targets).sum().item()
+    faulty = torch.cat(scores)
+    roc_auc = float(roc_auc_score(labels.numpy(), faulty.numpy())) if faulty.isfinite().all() else math.nan
     # Balanced: the weights of all images sum to len(images), so this is a weighted mean as well.
-    return total_loss / len(images), correct / len(images)
+    return Validation(total_loss / len(images), correct / len(images), roc_auc)
 
 
 def fit(
@@ -159,8 +178,8 @@ def fit(
     on_epoch: Callable[[dict], None] = lambda record: None,
     prepare: Prepare = normalize,
 ) -> tuple[dict[str, torch.Tensor], pd.DataFrame]:
-    """Train with Adam and ReduceLROnPlateau, early stopping on validation loss (``EarlyStopping``); return a
-    copy of the best epoch's weights with the history.
+    """Train with Adam and ReduceLROnPlateau (on the validation loss), early stopping on the validation figure
+    ``settings.best_by`` names (``EarlyStopping``); return a copy of the best epoch's weights with the history.
 
     ``on_epoch`` receives each epoch's record (epoch, losses, accuracies, lr, seconds) as it ends. Mixed
     precision (``settings.amp``) applies on CUDA only. ``settings.class_balance`` and ``settings.augment``
@@ -188,14 +207,14 @@ def fit(
         train_loss, train_accuracy = train_one_epoch(
             model, optimizer, *train_data, settings.batch_size, device, generator, prepare, scaler,
             settings.class_balance, augment, norms if head_only or settings.freeze_bn_stats else ())
-        val_loss, val_accuracy = validate(model, *val_data, settings.batch_size, device, prepare, amp,
-                                          balanced=settings.class_balance != "none")
+        val_loss, val_accuracy, val_roc_auc = validate(model, *val_data, settings.batch_size, device, prepare, amp,
+                                                       balanced=settings.class_balance != "none")
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise PipelineError(
                 f"run {run}, epoch {epoch}: loss is not finite (train {train_loss}, val {val_loss}); "
                 f"lower 'train.lr' or check the input images"
             )
-        improved = stopping.update(val_loss)
+        improved = stopping.update(selection_key(settings.best_by, val_loss, val_roc_auc))
         if improved:
             best_state = copy.deepcopy(model.state_dict())
         if not head_only:  # the learning rate the layers start with is not cut while the classifier alone learns
@@ -203,11 +222,11 @@ def fit(
         seconds = time.perf_counter() - started
         history.append(dict(epoch=epoch, trained="classifier" if head_only else "all", train_loss=train_loss,
                             train_accuracy=train_accuracy, val_loss=val_loss, val_accuracy=val_accuracy,
-                            lr=learning_rate, seconds=seconds, best=improved))
+                            val_roc_auc=val_roc_auc, lr=learning_rate, seconds=seconds, best=improved))
         on_epoch(history[-1])
-        log.info("run %d epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | lr %.1e | %.1f s%s",
-                 run, epoch, settings.max_epochs, train_loss, train_accuracy, val_loss, val_accuracy,
-                 learning_rate, seconds, " *" if improved else "")
+        log.info("run %d epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f roc-auc %.3f | lr %.1e | "
+                 "%.1f s%s", run, epoch, settings.max_epochs, train_loss, train_accuracy, val_loss, val_accuracy,
+                 val_roc_auc, learning_rate, seconds, " *" if improved else "")
     if stopping.epoch < settings.max_epochs:
         log.info("run %d: early stop after epoch %d (no improvement for %d epochs)", run, stopping.epoch,
                  stopping.epochs_since_best)

@@ -1,4 +1,4 @@
-"""train: fine-tune the classifier of one run and keep the weights with the best validation loss.
+"""train: fine-tune the classifier of one run and keep the weights of the best validation epoch (train.best_by).
 
 With train.finetune 'all' every layer trains on the decoded images; with 'last_block' or 'head' the frozen
 layers' output comes from the features stage and only the layers after them train (anomaly_pipeline.inputs).
@@ -50,7 +50,7 @@ def main() -> None:
                               torch.Generator().manual_seed(seed), run, prepare=inputs.prepare)
     trainable.load_state_dict(best_state)
     train_seconds = time.perf_counter() - started
-    best = history.loc[history["val_loss"].idxmin()]
+    best = history[history["best"]].iloc[-1]
     summary = {
         "arch": params.model.arch,
         "weights": params.model.weights,
@@ -58,9 +58,11 @@ def main() -> None:
         "finetune": inputs.finetune,
         "device": device.type,
         "epochs_run": len(history),
+        "best_by": params.train.best_by,
         "best_epoch": int(best["epoch"]),
         "best_val_loss": float(best["val_loss"]),
         "best_val_accuracy": float(best["val_accuracy"]),
+        "best_val_roc_auc": float(best["val_roc_auc"]),
         "train_seconds": round(train_seconds, 2),
         "train_peak_rss_mb": round(peak_rss_mb(), 1),
     }
@@ -73,8 +75,9 @@ def main() -> None:
         trained.save(files.model)
         write_csv_atomic(files.history, history)
         write_json_atomic(files.summary, summary)
-    log.info("run %d: best epoch %d of %d (val loss %.4f), %.0f s, peak RSS %.0f MB", run, summary["best_epoch"],
-             summary["epochs_run"], summary["best_val_loss"], train_seconds, summary["train_peak_rss_mb"])
+    log.info("run %d: best epoch %d of %d by %s (val loss %.4f, ROC-AUC %.3f), %.0f s, peak RSS %.0f MB", run,
+             summary["best_epoch"], summary["epochs_run"], summary["best_by"], summary["best_val_loss"],
+             summary["best_val_roc_auc"], train_seconds, summary["train_peak_rss_mb"])
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def test_params_yaml_agrees_with_the_defaults_written_in_the_code() -> None:
         ("evaluate.target_recall", 1.2, "evaluate.target_recall"),
         ("model.resize", "crop", "model.resize"),
         ("train.class_balance", "oversample", "train.class_balance"),
+        ("train.best_by", "val_accuracy", "train.best_by"),
         ("train.augment", ["flip", "mixup"], "train.augment"),
         ("train.augment", ["flip", "flip"], "train.augment"),
         ("train.augment", "flip", "train.augment"),

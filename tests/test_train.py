@@ -9,7 +9,7 @@ import torch
 from anomaly_pipeline.errors import PipelineError
 from anomaly_pipeline.model import LITE0, build_model, fetch_pretrained_state, seed_everything
 from anomaly_pipeline.params import SchedulerParams, TrainParams
-from anomaly_pipeline.training import EarlyStopping, batches, fit, use_amp, validate
+from anomaly_pipeline.training import EarlyStopping, batches, fit, selection_key, use_amp, validate
 
 CPU = torch.device("cpu")
 
@@ -39,9 +39,9 @@ def test_best_validation_weights_are_returned_not_the_last_epoch() -> None:
     model, best, history = train(min_epochs=6)
     best_epoch = int(history.loc[history["val_loss"].idxmin(), "epoch"])
     assert len(history) == 6 and best_epoch < 6, "this setting must end on a worse epoch to test anything"
-    last_loss, _ = validate(model, *tiny_data(2, 12), 8, CPU)
+    last_loss = validate(model, *tiny_data(2, 12), 8, CPU).loss
     model.load_state_dict(best)
-    best_loss, _ = validate(model, *tiny_data(2, 12), 8, CPU)
+    best_loss = validate(model, *tiny_data(2, 12), 8, CPU).loss
     assert best_loss == pytest.approx(history["val_loss"].min(), rel=1e-6)
     assert last_loss == pytest.approx(history["val_loss"].iloc[-1], rel=1e-6)
     assert best_loss < last_loss
@@ -51,7 +51,7 @@ def stopped_after(losses: list[float], min_epochs: int, max_epochs: int, patienc
     """How many epochs EarlyStopping lets run on this sequence of validation losses."""
     stopping = EarlyStopping(min_epochs, max_epochs, patience)
     for loss in losses:
-        stopping.update(loss)
+        stopping.update(selection_key("val_loss", loss, 0.5))
         if stopping.should_stop:
             break
     return stopping.epoch
@@ -84,6 +84,27 @@ def test_fit_stops_where_early_stopping_says() -> None:
     assert len(history) == stopped_after(history["val_loss"].tolist(), 2, 8, 1)
     losses = history["val_loss"].tolist()
     assert history["best"].tolist() == [loss < min(losses[:i], default=float("inf")) for i, loss in enumerate(losses)]
+
+
+def test_best_by_roc_auc_keeps_the_epoch_that_ranks_validation_best_ties_to_the_lower_loss() -> None:
+    stopping = EarlyStopping(1, 15, 2)
+    figures = [(0.5, 0.70), (0.4, 0.80), (0.6, 0.90), (0.3, 0.90), (0.2, 0.85), (0.1, 0.88)]
+    kept = [stopping.update(selection_key("val_roc_auc", loss, auc)) for loss, auc in figures[:5]]
+    # a higher ROC-AUC wins over a lower loss; the same ROC-AUC with a lower loss wins; a lower loss alone does not
+    assert kept == [True, True, True, True, False] and not stopping.should_stop
+    stopping.update(selection_key("val_roc_auc", *figures[5]))
+    assert stopping.should_stop  # 2 epochs (0.85, 0.88) without a better ROC-AUC
+
+    model, best, history = train(min_epochs=6, lr=2e-3, best_by="val_roc_auc")
+    kept_epoch = history[history["best"]].iloc[-1]
+    assert kept_epoch["epoch"] != history.loc[history["val_loss"].idxmin(), "epoch"], \
+        "this setting must rank best at another epoch than the lowest loss to test anything"
+    assert kept_epoch["val_roc_auc"] == history["val_roc_auc"].max()
+    top = history[history["val_roc_auc"] == history["val_roc_auc"].max()]
+    assert kept_epoch["val_loss"] == top["val_loss"].min()
+    model.load_state_dict(best)
+    again = validate(model, *tiny_data(2, 12), 8, CPU)
+    assert (again.loss, again.roc_auc) == pytest.approx((kept_epoch["val_loss"], kept_epoch["val_roc_auc"]), rel=1e-6)
 
 
 def test_non_finite_loss_fails_with_run_and_epoch() -> None:

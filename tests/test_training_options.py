@@ -43,8 +43,8 @@ def test_validation_loss_weighted_by_class_counts_a_missed_rare_defect_as_much_a
         model[1].weight.zero_()
         model[1].bias.copy_(torch.tensor([2.0, -2.0]))
     images = torch.zeros((len(RARE), 3, 4, 4), dtype=torch.uint8)
-    plain, _ = validate(model, images, RARE, 8, CPU)
-    balanced, _ = validate(model, images, RARE, 8, CPU, balanced=True)
+    plain = validate(model, images, RARE, 8, CPU).loss
+    balanced = validate(model, images, RARE, 8, CPU, balanced=True).loss
     right, wrong = (-torch.log_softmax(torch.tensor([2.0, -2.0]), 0)).tolist()
     assert plain == pytest.approx(0.9 * right + 0.1 * wrong, rel=1e-5)
     assert balanced == pytest.approx(0.5 * right + 0.5 * wrong, rel=1e-5)
