@@ -231,6 +231,11 @@ def load_trained_model(path: Path, device: torch.device) -> TrainedModel:
                         checkpoint["finetune"], checkpoint["backbone_sha256"])
 
 
+def faulty_probability(logits: torch.Tensor) -> torch.Tensor:
+    """The score every figure is computed from: the softmax probability of the positive (faulty) class, on the CPU."""
+    return torch.softmax(logits.float(), dim=1)[:, 1].cpu()
+
+
 @torch.inference_mode()
 def predict_scores(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int, device: torch.device,
                    prepare: Prepare) -> np.ndarray:
@@ -240,5 +245,5 @@ def predict_scores(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int
     scores = []
     for start in tqdm(range(0, len(inputs), batch_size), desc="predict", unit="batch", leave=False, disable=None):
         logits = model(prepare(inputs[start:start + batch_size], device))
-        scores.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+        scores.append(faulty_probability(logits))
     return torch.cat(scores).numpy() if scores else np.empty(0, dtype=np.float32)

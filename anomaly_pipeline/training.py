@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from anomaly_pipeline.augment import Augment, augmentation, balanced_order, class_weights
 from anomaly_pipeline.errors import PipelineError
-from anomaly_pipeline.model import Prepare, classifier
+from anomaly_pipeline.model import Prepare, classifier, faulty_probability
 from anomaly_pipeline.params import BestBy, TrainParams
 from anomaly_pipeline.tensors import normalize
 
@@ -154,7 +154,7 @@ def validate(
         with autocast(device, amp):
             logits = model(prepare(images[index], device)).float()
         targets = labels[index].to(device)
-        scores.append(logits.softmax(1)[:, 1].cpu())
+        scores.append(faulty_probability(logits))
         if weights is None:
             total_loss += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         else:

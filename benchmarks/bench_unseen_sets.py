@@ -94,6 +94,7 @@ def readme_preset() -> dict[str, object]:
 # time.
 LITE0_IMAGENET = {"model.arch": "efficientnet_lite0", "model.pretrained": True}
 LITE0_ROBUST = {**readme_preset(), "model.pretrained": True}
+LITE0_LAST_BLOCK = {**LITE0_IMAGENET, "train.finetune": "last_block"}
 RANDOM_INIT_ROBUST = {"train.class_balance": "weighted_loss", "train.augment": ["flip", "rotate90"],
                       "model.resize": "pad", "evaluate.threshold": "max_balanced_accuracy"}
 CONFIGS: dict[str, dict[str, object]] = {
@@ -121,7 +122,7 @@ CONFIGS: dict[str, dict[str, object]] = {
     "lite0-head": {**LITE0_IMAGENET, "train.finetune": "head"},
     # The README's fast preset from 2026-12-03 to 2026-12-06 (chosen over the head alone on validation figures):
     # Lite0's last stage and head convolution trained too, on the cached output of the frozen stages.
-    "lite0-last-block": {**LITE0_IMAGENET, "train.finetune": "last_block"},
+    "lite0-last-block": LITE0_LAST_BLOCK,
     # The floor at the elpv cells' own size (300 px instead of 224): do the frozen features rank thin cracks better
     # with more of their pixels? Measured: no (worse on elpv and elpv-rare, on test and validation alike).
     "lite0-head-300px": {**LITE0_IMAGENET, "train.finetune": "head", "model.image_size": 300},
@@ -132,13 +133,12 @@ CONFIGS: dict[str, dict[str, object]] = {
     # the fast preset: on the solar cells the lowest loss came at early, confident epochs that ranked no better than
     # the frozen features.
     "lite0-robust-auc": {**LITE0_ROBUST, "train.best_by": "val_roc_auc"},
-    "lite0-last-block-auc": {**LITE0_IMAGENET, "train.finetune": "last_block", "train.best_by": "val_roc_auc"},
+    "lite0-last-block-auc": {**LITE0_LAST_BLOCK, "train.best_by": "val_roc_auc"},
     # The fast preset either way with each run's threshold chosen on its validation images (measured by --rescore
     # from the runs above: the epoch a rule keeps ranks well, and 0.5 need not be its operating point). The second
     # is the README's fast preset since 2026-12-06, chosen on validation figures.
-    "lite0-last-block-threshold": {**LITE0_IMAGENET, "train.finetune": "last_block",
-                                   "evaluate.threshold": "max_balanced_accuracy"},
-    "lite0-last-block-auc-threshold": {**LITE0_IMAGENET, "train.finetune": "last_block", "train.best_by": "val_roc_auc",
+    "lite0-last-block-threshold": {**LITE0_LAST_BLOCK, "evaluate.threshold": "max_balanced_accuracy"},
+    "lite0-last-block-auc-threshold": {**LITE0_LAST_BLOCK, "train.best_by": "val_roc_auc",
                                        "evaluate.threshold": "max_balanced_accuracy"},
 }
 
