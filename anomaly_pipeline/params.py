@@ -20,9 +20,8 @@ from anomaly_pipeline.errors import PipelineError
 PARAMS_FILE = Path("params.yaml")
 # The study's dataset: the study-data stage fetches it here (pinned, checked); the default data.dir.
 STUDY_DATA_DIR = Path("data/raw")
-# Your own images, from ImageNet features that need no download (model.arch efficientnet_lite0: a pip package).
-OWN_DATA_COMMAND = ("dvc exp run -S model.arch=efficientnet_lite0 -S data.dir=/path/to/images "
-                    "-S data.negative_class=clean -S data.positive_class=faulty")
+# Your own images (with the default network, ImageNet features that need no download).
+OWN_DATA_COMMAND = "dvc exp run -S data.dir=/path/to/images -S data.negative_class=clean -S data.positive_class=faulty"
 
 # Where a model's starting weights came from (ModelParams.weights): the one label train records and evaluate,
 # aggregate and the report pass on.

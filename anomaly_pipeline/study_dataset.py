@@ -54,18 +54,22 @@ def read_checksums(path: Path = MANIFEST) -> dict[str, str]:
     return entries
 
 
-def unreachable_message(reason: str) -> str:
-    return (
+def unreachable_message(reason: str, also_needed: str | None = None) -> str:
+    """The one message for a machine without network: every download the pipeline needs, and the ways around."""
+    message = (
         f"the study's dataset could not be downloaded: its images come from GitHub, {REPOSITORY} at commit "
         f"{COMMIT[:8]} (folder {SOURCE_FOLDER}/), and the network is unreachable ({reason}). Two ways on:\n"
-        f"  1. your own images, no network needed (one subfolder per class):\n"
+        f"  1. your own images (one subfolder per class):\n"
         f"       {OWN_DATA_COMMAND}\n"
         f"  2. a local copy of the study's dataset: put its clean/ and faulty/ folders into {LOCAL_COPY}/ "
         f"(700 images, checked against {MANIFEST}) and run 'dvc repro' again"
     )
+    if also_needed:
+        message += f"\nThe training will need the network too, for {also_needed}"
+    return message
 
 
-def download(url: str, folder: Path) -> Path:
+def download(url: str, folder: Path, also_needed: str | None) -> Path:
     """Download the repository archive at the pinned commit and unpack its dataset folder; returns that folder."""
     archive = folder / "archive.tar.gz"
     log.info("downloading the study's dataset from %s", url)
@@ -73,7 +77,7 @@ def download(url: str, folder: Path) -> Path:
         with urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS) as response, archive.open("wb") as handle:
             shutil.copyfileobj(response, handle)
     except (urllib.error.URLError, OSError) as error:
-        raise PipelineError(unreachable_message(str(getattr(error, "reason", error)))) from error
+        raise PipelineError(unreachable_message(str(getattr(error, "reason", error)), also_needed)) from error
     unpacked = folder / "unpacked"
     with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.isfile() and SOURCE_FOLDER in PurePosixPath(m.name).parts[1:2]]
@@ -97,14 +101,16 @@ def copy_checked(source: Path, manifest: dict[str, str], destination: Path) -> N
         shutil.copy2(source / name, destination / name)
 
 
-def fetch_study_dataset(destination: Path) -> int:
+def fetch_study_dataset(destination: Path, also_needed: str | None = None) -> int:
     """The pinned images into ``destination``: from the local copy data/study-dataset/ when there is one, else
-    downloaded (``ANOMALY_STUDY_DATASET_URL`` overrides the URL); returns how many files."""
+    downloaded (``ANOMALY_STUDY_DATASET_URL`` overrides the URL); returns how many files. ``also_needed`` names
+    what later stages will download, for the message when the network is unreachable."""
     manifest = read_checksums()
     if LOCAL_COPY.is_dir():
         log.info("using the local copy %s", LOCAL_COPY)
         copy_checked(LOCAL_COPY, manifest, destination)
     else:
         with tempfile.TemporaryDirectory(dir=destination.parent) as scratch:
-            copy_checked(download(os.environ.get(URL_VARIABLE, ARCHIVE_URL), Path(scratch)), manifest, destination)
+            source = download(os.environ.get(URL_VARIABLE, ARCHIVE_URL), Path(scratch), also_needed)
+            copy_checked(source, manifest, destination)
     return len(manifest)
