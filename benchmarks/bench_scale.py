@@ -104,7 +104,7 @@ def measure(count: int, batches: int, old: bool) -> list[dict]:
         params = yaml.safe_load((PROJECT / "params.yaml").read_text())
         params |= {"runs": [0]}
         params["data"]["dir"] = str(data)
-        params["model"]["pretrained"] = False
+        params["model"]["arch"], params["model"]["pretrained"] = "resnet18", False  # as recorded (the study's network)
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         for step, module, arguments in (("prepare-split", "stages.prepare_split", ["--run", "0"]),
                                         ("decode", "stages.decode", [])):

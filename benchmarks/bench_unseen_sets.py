@@ -6,7 +6,8 @@
     python -m benchmarks.bench_unseen_sets --misses --sets fruit [--configs lite0 lite0-robust ...]
 
 Each run of a cell (set x configuration) is a clean clone of this checkout (HEAD, or --commit) that runs `dvc repro`
-with model.pretrained false (unless the configuration asks for ImageNet weights), runs [N] (run N's split, seed and
+with the study's network, ResNet18, and model.pretrained false (unless the configuration asks for Lite0 with
+ImageNet weights), runs [N] (run N's split, seed and
 model do not depend on the other runs), data.dir set to the set and the configuration's parameters. Its test
 figures, its validation figures and both sets of scores (label, score) are appended to
 benchmarks/results/unseen_sets.jsonl as soon as it ends (with the date, commit and machine), and runs already there
@@ -88,12 +89,12 @@ def readme_preset() -> dict[str, object]:
     return {key: yaml.safe_load(value) for key, value in (change.split("=", 1) for change in changes)}
 
 
-# Configuration name -> parameter changes on top of params.yaml (the study's method). "lite0-robust" is the README's
+# Configuration name -> parameter changes on top of params.yaml with ResNet18, random init (the study's method). "lite0-robust" is the README's
 # robust preset (read from its line); "robust" is that preset as it stood with random init, until 2026-12-03 (the
 # same options without model.arch), and "robust-..." the candidates measured then; the others are options one at a
 # time.
 LITE0_IMAGENET = {"model.arch": "efficientnet_lite0", "model.pretrained": True}
-LITE0_ROBUST = {**readme_preset(), "model.pretrained": True}
+LITE0_ROBUST = {**LITE0_IMAGENET, **readme_preset()}
 LITE0_LAST_BLOCK = {**LITE0_IMAGENET, "train.finetune": "last_block"}
 RANDOM_INIT_ROBUST = {"train.class_balance": "weighted_loss", "train.augment": ["flip", "rotate90"],
                       "model.resize": "pad", "evaluate.threshold": "max_balanced_accuracy"}
@@ -179,7 +180,7 @@ def measure_run(set_name: str, config: str, run: int, commit: str) -> dict:
     """One run of a configuration on a set (`dvc repro` of a clone with runs [run]): its figures and scores."""
     folder, negative, positive = set_folder(set_name)
     changes = {"data.dir": str(folder), "data.negative_class": negative, "data.positive_class": positive,
-               "model.pretrained": False, "runs": [run], **CONFIGS[config]}
+               "model.arch": "resnet18", "model.pretrained": False, "runs": [run], **CONFIGS[config]}
     with tempfile.TemporaryDirectory() as temporary:
         project = Path(temporary) / "project"
         commit = clone_with_params(project, changes, commit)

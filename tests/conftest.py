@@ -1,4 +1,7 @@
-"""Shared fixtures: real images from ../shared, a throw-away copy of the project as a git + DVC repo."""
+"""Shared fixtures: real images that pip installs (the elpv-dataset package's solar cells, scikit-learn's sample
+photographs), generated ones where the content does not matter, a throw-away copy of the project as a git + DVC repo.
+
+No test reads ../shared (only the benchmarks do): a user's clone has nothing beside it."""
 
 from __future__ import annotations
 
@@ -16,11 +19,9 @@ import pytest
 from PIL import Image
 
 from anomaly_pipeline.files import sha256_file
+from benchmarks.elpv_folders import class_lists, elpv_labels
 
 PROJECT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ANOMALY_SHARED_DIR", PROJECT.parent / "shared"))
-METAL = SHARED / "datasets" / "metal-surface"
-FRUIT = SHARED / "datasets" / "fruit"
 DVC = (sys.executable, "-m", "dvc")
 PROJECT_FILES = ("stages", "anomaly_pipeline", "pyproject.toml", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore",
                  "data/.gitignore", "data/study-dataset.sha256")
@@ -29,13 +30,40 @@ DVC_FILES = (".dvc/config", ".dvc/plots", ".dvc/plots_page.html")  # copied over
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
-# A small real subset of metal-surface, chosen to hold byte-identical copies
-# ("clean - (1).jpg" = "clean - (2).jpg"; pitted_surface images come in groups of 4).
-METAL_SUBSET = {
-    "clean": [f"clean - ({n}).jpg" for n in range(1, 17)],
-    "faulty": [f"{kind}_{n}.jpg" for kind in ("crazing", "inclusion", "scratches") for n in range(1, 5)]
-    + [f"pitted_surface ({n}).jpg" for n in range(1, 9)],
-}
+# A small inspection set of real solar cells (elpv-dataset) with byte-identical copies, as the study's set has them:
+# 8 distinct clean cells, each twice; 14 distinct faulty cells, two of them four times (16 + 20 files).
+ELPV_CLEAN, ELPV_FAULTY = (class_lists(elpv_labels()[1], rare=False, seed=0)[name] for name in ("clean", "faulty"))
+
+
+def cell_subset(clean: list[str], faulty: list[str], copies: dict[str, int]) -> dict[str, dict[str, str]]:
+    """{class folder: {file name: elpv cell}}: every cell once, and ``copies[cell]`` - 1 more byte-identical copies."""
+    subset: dict[str, dict[str, str]] = {}
+    for class_name, cells in (("clean", clean), ("faulty", faulty)):
+        names = subset.setdefault(class_name, {})
+        for cell in cells:
+            stem = Path(cell).stem
+            for copy in range(copies.get(cell, 1)):
+                names[f"{stem}.png" if copy == 0 else f"{stem} ({copy}).png"] = cell
+    return subset
+
+
+CELL_SUBSET = cell_subset(ELPV_CLEAN[:8], ELPV_FAULTY[:14],
+                          {**dict.fromkeys(ELPV_CLEAN[:8], 2), ELPV_FAULTY[0]: 4, ELPV_FAULTY[1]: 4})
+
+
+# What this project's development machines set and a user's machine does not: the tests run without them.
+MACHINE_ONLY_VARIABLES = ("PYTHONDONTWRITEBYTECODE", "TORCH_HOME")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def users_machine(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test and every command it runs sees a user's fresh machine: Python writes its bytecode, and torch's
+    cache (TORCH_HOME) is empty; tests that need a cached file put it into a TORCH_HOME of their own."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in MACHINE_ONLY_VARIABLES:
+            patch.delenv(name, raising=False)
+        patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty-torch-home")))
+        yield
 
 
 def picture(size: tuple[int, int], seed: int) -> Image.Image:
@@ -51,31 +79,57 @@ def save_image(image: Image.Image, path: Path, **options: object) -> Path:
     return path
 
 
-def shared_dataset(path: Path) -> Path:
-    if not path.is_dir():
-        pytest.fail(f"test data {path} not found: set ANOMALY_SHARED_DIR to the folder holding datasets/")
-    return path
-
-
-def copy_subset(destination: Path, source: Path, subset: dict[str, list[str]]) -> Path:
-    """Copy the named images of each class folder into destination/<class>/."""
+def copy_subset(destination: Path, subset: dict[str, dict[str, str]]) -> Path:
+    """Copy the installed elpv cells of ``subset`` ({class: {file name: cell}}) into destination/<class>/<name>."""
+    data_dir = elpv_labels()[0]
     for class_name, names in subset.items():
         (destination / class_name).mkdir(parents=True, exist_ok=True)
-        for name in names:
-            shutil.copy2(source / class_name / name, destination / class_name / name)
+        for name, cell in names.items():
+            shutil.copyfile(data_dir / cell, destination / class_name / name)
     return destination
 
 
+def subset_paths(subset: dict[str, dict[str, str]]) -> list[str]:
+    """The relative paths (class/name) of a subset's files, sorted."""
+    return sorted(f"{class_name}/{name}" for class_name, names in subset.items() for name in names)
+
+
+def own_images(destination: Path, per_class: int, classes: tuple[str, str] = ("intact", "cracked")) -> Path:
+    """A user's own folder: ``per_class`` real solar cells in each of two class folders named as the user likes
+    (cells that CELL_SUBSET does not use)."""
+    subset = {classes[0]: {Path(c).name: c for c in ELPV_CLEAN[-per_class:]},
+              classes[1]: {Path(c).name: c for c in ELPV_FAULTY[-per_class:]}}
+    return copy_subset(destination, subset)
+
+
 @pytest.fixture
-def metal_subset(tmp_path: Path) -> Path:
-    """A folder clean/ + faulty/ holding a small real subset of metal-surface, duplicates included."""
-    return copy_subset(tmp_path / "metal", shared_dataset(METAL), METAL_SUBSET)
+def cell_images(tmp_path: Path) -> Path:
+    """A folder clean/ + faulty/ holding CELL_SUBSET, byte-identical copies included."""
+    return copy_subset(tmp_path / "cells", CELL_SUBSET)
 
 
 @pytest.fixture(scope="module")
-def metal_subset_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same subset, shared by the tests of one module."""
-    return copy_subset(tmp_path_factory.mktemp("metal"), shared_dataset(METAL), METAL_SUBSET)
+def cell_images_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same folder, shared by the tests of one module."""
+    return copy_subset(tmp_path_factory.mktemp("cells"), CELL_SUBSET)
+
+
+# The study's duplicate structure, with generated pictures: 100 clean files of 49 distinct images (48 pairs, one
+# group of 4) and 600 faulty files of 525 distinct images (25 groups of 4, 500 singles).
+STUDY_LIKE = {"clean": [2] * 48 + [4], "faulty": [4] * 25 + [1] * 500}
+
+
+def study_like_dataset(root: Path) -> Path:
+    """A folder with the study's 700 files and its byte-identical copies (STUDY_LIKE), each distinct image a small
+    generated picture: only the split's bookkeeping reads it."""
+    seed = 0
+    for class_name, group_sizes in STUDY_LIKE.items():
+        for group, size in enumerate(group_sizes):
+            seed += 1
+            first = save_image(picture((8, 8), seed), root / class_name / f"{group}.png")
+            for copy in range(1, size):
+                shutil.copyfile(first, root / class_name / f"{group} ({copy}).png")
+    return root
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -147,6 +201,7 @@ def set_dotted(tree: dict, dotted: str, value: object) -> dict:
 
 SMALL = {
     "runs": [0, 1],
+    "model.arch": "resnet18",  # the study's network, random init: quick at 32 px (tests of the default set it)
     "model.pretrained": False,
     "model.image_size": 32,
     "train.batch_size": 8,
@@ -155,6 +210,10 @@ SMALL = {
     "train.patience": 1,
     "evaluate.batch_size": 16,
 }
+
+
+# The default network as params.yaml sets it, with its ImageNet weights (pip installed them: no network needed).
+DEFAULT_NETWORK = {"model.arch": "efficientnet_lite0", "model.pretrained": True}
 
 
 def write_params(project: Path, changes: dict[str, object]) -> None:
@@ -192,13 +251,17 @@ def dvc_offline(command: str, cwd: Path, env: dict[str, str] | None = None, chec
     return run_offline([*DVC, *words[1:]], cwd, env, check)
 
 
-def study_archive(destination: Path, subset: dict[str, list[str]]) -> tuple[str, str]:
-    """A stand-in for the study repository's GitHub archive holding ``subset`` of metal-surface under
-    ``<repo>-<commit>/dataset/``; returns its file:// URL and the sha256 manifest (``sha256sum`` format)."""
-    root = copy_subset(destination / "AnomalyDetection-pinned" / "dataset", shared_dataset(METAL), subset)
+def study_archive(destination: Path, subset: dict[str, dict[str, str]]) -> tuple[str, str]:
+    """A stand-in for the study repository's GitHub archive holding ``subset`` under ``<repo>-<commit>/dataset/``;
+    returns its file:// URL and the sha256 manifest (``sha256sum`` format)."""
+    root = copy_subset(destination / "AnomalyDetection-pinned" / "dataset", subset)
     archive = destination / "archive.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root.parent, arcname=root.parent.name)
-    lines = sorted(f"{sha256_file(root / cls / name)}  {cls}/{name}"
-                   for cls, names in subset.items() for name in names)
-    return archive.as_uri(), "\n".join(lines) + "\n"
+    return archive.as_uri(), manifest_of(root)
+
+
+def manifest_of(root: Path) -> str:
+    """The sha256 manifest (``sha256sum`` format, as data/study-dataset.sha256) of every file under ``root``."""
+    return "".join(sorted(f"{sha256_file(path)}  {path.relative_to(root).as_posix()}\n"
+                          for path in root.rglob("*") if path.is_file()))

@@ -23,13 +23,12 @@ from anomaly_pipeline.split import (
     split_groups,
 )
 from tests.conftest import (
-    METAL,
     SMALL,
     make_project,
     picture,
     run,
     save_image,
-    shared_dataset,
+    study_like_dataset,
     write_params,
 )
 
@@ -176,8 +175,8 @@ def test_stage_reports_a_bad_data_folder_in_one_line(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- leakage
 
 
-def test_naive_split_leaks_a_quarter_of_the_study_test_set() -> None:
-    table, _ = scan_dataset(shared_dataset(METAL), "clean", "faulty")
+def test_naive_split_leaks_a_quarter_of_the_study_test_set(tmp_path: Path) -> None:
+    table, _ = scan_dataset(study_like_dataset(tmp_path / "study-like"), "clean", "faulty")
     leaked = [naive_split_leakage(table, 0.3, seed) for seed in range(5)]
     # 210 test images; the study reports about a quarter with a byte-identical twin in training.
     assert all(35 <= count <= 75 for count in leaked), leaked

@@ -5,7 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import DVC, SMALL, commit_all, make_project, reproduce_and_commit, run, write_params
+
+# Long: whole pipelines in temporary repositories (python -m pytest -q -m slow tests).
+pytestmark = pytest.mark.slow
 
 
 def stale_stages(project: Path) -> set[str]:
@@ -15,9 +20,9 @@ def stale_stages(project: Path) -> set[str]:
 
 
 def test_settings_train_does_not_read_and_identical_features_leave_every_model_up_to_date(
-        metal_subset: Path, tmp_path: Path) -> None:
+        cell_images: Path, tmp_path: Path) -> None:
     project = make_project(tmp_path / "project")
-    changes = {**SMALL, "data.dir": str(metal_subset), "train.finetune": "head"}
+    changes = {**SMALL, "data.dir": str(cell_images), "train.finetune": "head"}
     write_params(project, changes)
     commit_all(project, "head preset")
     reproduce_and_commit(project)

@@ -14,6 +14,9 @@ import pytest
 
 from tests.conftest import DVC, SMALL, commit_all, make_project, run, write_params
 
+# Long: whole pipelines in temporary repositories (python -m pytest -q -m slow tests).
+pytestmark = pytest.mark.slow
+
 TIMING_KEYS = ("seconds", "rss", "cuda")
 
 
@@ -22,9 +25,9 @@ def project_params(data_dir: Path, epochs: int = 4) -> dict[str, object]:
 
 
 @pytest.fixture
-def project(tmp_path: Path, metal_subset: Path) -> Path:
+def project(tmp_path: Path, cell_images: Path) -> Path:
     path = make_project(tmp_path / "project")
-    write_params(path, project_params(metal_subset))
+    write_params(path, project_params(cell_images))
     commit_all(path, "project")
     return path
 
@@ -89,24 +92,24 @@ def assert_recovers(project: Path, data_dir: Path) -> None:
     assert json.loads((project / "metrics" / "summary.json").read_text())["runs"] == 1
 
 
-def test_sigkill_during_training_then_repro_recovers(project: Path, metal_subset: Path) -> None:
-    process = start_long_repro(project, metal_subset)
+def test_sigkill_during_training_then_repro_recovers(project: Path, cell_images: Path) -> None:
+    process = start_long_repro(project, cell_images)
     read_until(process, "run 0 epoch 2/10000")
     kill_stage(process, "stages.train")
     output = finish(process)
     assert process.returncode != 0, output
-    assert_recovers(project, metal_subset)
+    assert_recovers(project, cell_images)
 
 
-def test_ctrl_c_stops_cleanly_with_a_short_message(project: Path, metal_subset: Path) -> None:
-    process = start_long_repro(project, metal_subset)
+def test_ctrl_c_stops_cleanly_with_a_short_message(project: Path, cell_images: Path) -> None:
+    process = start_long_repro(project, cell_images)
     before = read_until(process, "run 0 epoch 1/10000")
     os.killpg(process.pid, signal.SIGINT)
     output = before + finish(process)
     assert process.returncode != 0
     assert "interrupted" in output and "rerun 'dvc repro'" in output
     assert "Traceback" not in output
-    assert_recovers(project, metal_subset)
+    assert_recovers(project, cell_images)
 
 
 def without_timings(metrics: dict) -> dict:

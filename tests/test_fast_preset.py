@@ -53,9 +53,9 @@ def test_frozen_then_trainable_computes_what_the_model_computes(arch: str, finet
 
 
 @pytest.fixture(scope="module")
-def head_project(tmp_path_factory: pytest.TempPathFactory, metal_subset_module: Path) -> Path:
+def head_project(tmp_path_factory: pytest.TempPathFactory, cell_images_module: Path) -> Path:
     path = make_project(tmp_path_factory.mktemp("fast") / "project")
-    write_params(path, {**HEAD, "data.dir": str(metal_subset_module)})
+    write_params(path, {**HEAD, "data.dir": str(cell_images_module)})
     commit_all(path, "fast preset")
     reproduce_and_commit(path)
     return path
@@ -65,10 +65,11 @@ def stored_features(project: Path) -> dict:
     return torch.load(project / "data" / "features" / "features.pt", weights_only=True)
 
 
-def test_features_are_computed_once_per_distinct_image(head_project: Path, metal_subset_module: Path) -> None:
+@pytest.mark.slow
+def test_features_are_computed_once_per_distinct_image(head_project: Path, cell_images_module: Path) -> None:
     features = stored_features(head_project)
-    distinct = {sha256_file(path) for path in metal_subset_module.rglob("*.jpg")}
-    assert len(distinct) < len(list(metal_subset_module.rglob("*.jpg")))  # the subset holds identical copies
+    distinct = {sha256_file(path) for path in cell_images_module.rglob("*.png")}
+    assert len(distinct) < len(list(cell_images_module.rglob("*.png")))  # the subset holds identical copies
     assert sorted(features["sha256"]) == sorted(distinct)
     assert features["features"].shape == (len(distinct), 512)
     identity = json.loads((head_project / "data" / "features" / "summary.json").read_text())
@@ -76,6 +77,7 @@ def test_features_are_computed_once_per_distinct_image(head_project: Path, metal
     assert identity["backbone_sha256"] == state_sha256(features["backbone_state"])
 
 
+@pytest.mark.slow
 def test_only_the_head_trains_and_the_saved_model_is_whole(head_project: Path) -> None:
     backbone = stored_features(head_project)["backbone_state"]
     for run_index in SMALL["runs"]:
@@ -90,22 +92,25 @@ def test_only_the_head_trains_and_the_saved_model_is_whole(head_project: Path) -
     assert summary["finetune"] == "head" and summary["runs"] == len(SMALL["runs"])
 
 
+@pytest.mark.slow
 def test_evaluate_from_cached_features_agrees_with_predict_from_images(head_project: Path, tmp_path: Path,
-                                                                        metal_subset_module: Path) -> None:
+                                                                        cell_images_module: Path) -> None:
     evaluated = pd.read_csv(head_project / "data" / "runs" / "run-0" / "eval" / "predictions.csv")
     output = tmp_path / "predicted.csv"
     run([sys.executable, "-m", "anomaly_pipeline.predict", "--run", "0", "--output", str(output),
-         *[str(metal_subset_module / path) for path in evaluated["path"]]], head_project)
+         *[str(cell_images_module / path) for path in evaluated["path"]]], head_project)
     predicted = pd.read_csv(output)
     assert predicted["faulty_probability"].to_numpy() == pytest.approx(evaluated["score"].to_numpy(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_seed_change_reuses_the_features(head_project: Path) -> None:
     result = run([*DVC, "exp", "run", "-S", "seed=5"], head_project)
     assert "Stage 'features' didn't change, skipping" in result.stdout
     assert "Running stage 'train@0'" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("change", "invalidates"), [
     ("model.image_size=48", True), ("model.arch=resnet34", True), ("model.pretrained=true", True),
     ("train.finetune=last_block", True), ("train.lr=0.01", False), ("split.test_ratio=0.4", False),
@@ -126,6 +131,7 @@ def test_what_the_features_depend_on_invalidates_them(head_project: Path, change
         assert "up to date" in status, status
 
 
+@pytest.mark.slow
 def test_a_stale_features_file_is_refused(head_project: Path) -> None:
     path = head_project / "data" / "features" / "features.pt"
     asked = ModelParams(arch="resnet18", pretrained=False, image_size=32)
@@ -137,9 +143,10 @@ def test_a_stale_features_file_is_refused(head_project: Path) -> None:
             load_feature_cache(other, finetune, path)
 
 
-def test_last_block_preset_trains_layer4_on_cached_layer3_maps(tmp_path: Path, metal_subset: Path) -> None:
+@pytest.mark.slow
+def test_last_block_preset_trains_layer4_on_cached_layer3_maps(tmp_path: Path, cell_images: Path) -> None:
     project = make_project(tmp_path / "project")
-    write_params(project, {**SMALL, "runs": [0], "train.finetune": "last_block", "data.dir": str(metal_subset)})
+    write_params(project, {**SMALL, "runs": [0], "train.finetune": "last_block", "data.dir": str(cell_images)})
     commit_all(project, "last_block")
     run([*DVC, "repro"], project)
     features = stored_features(project)
@@ -151,11 +158,11 @@ def test_last_block_preset_trains_layer4_on_cached_layer3_maps(tmp_path: Path, m
     assert (project / "metrics" / "runs" / "run-0.json").is_file()
 
 
-def test_imagenet_features_come_from_the_torch_home_weights(tmp_path: Path, metal_subset: Path) -> None:
+def test_imagenet_features_come_from_the_torch_home_weights(tmp_path: Path, cell_images: Path) -> None:
     torch_home = tmp_path / "torch-home"
     cached = write_fake_cache(torch_home)
     project = make_project(tmp_path / "project")
-    write_params(project, {**HEAD, "runs": [0], "model.pretrained": True, "data.dir": str(metal_subset)})
+    write_params(project, {**HEAD, "runs": [0], "model.pretrained": True, "data.dir": str(cell_images)})
     run([sys.executable, "-m", "stages.decode"], project)  # what features reads
     run([sys.executable, "-m", "stages.features"], project, env={**OFFLINE, "TORCH_HOME": str(torch_home)})
     features = stored_features(project)
@@ -163,12 +170,13 @@ def test_imagenet_features_come_from_the_torch_home_weights(tmp_path: Path, meta
     assert features["identity"]["backbone_sha256"] == state_sha256(cached)
 
 
-def test_lite0_last_block_preset_with_imagenet_weights_offline(tmp_path: Path, metal_subset: Path) -> None:
+@pytest.mark.slow
+def test_lite0_last_block_preset_with_imagenet_weights_offline(tmp_path: Path, cell_images: Path) -> None:
     """The fast preset on the offline backbone: features from the pip package's ImageNet weights (no network), the
     last stage and the classifier trained on them, evaluation and Grad-CAM through DVC."""
     project = make_project(tmp_path / "project")
     write_params(project, {**SMALL, "runs": [0], "model.arch": "efficientnet_lite0", "model.pretrained": True,
-                           "train.finetune": "last_block", "data.dir": str(metal_subset)})
+                           "train.finetune": "last_block", "data.dir": str(cell_images)})
     commit_all(project, "lite0 last_block")
     run_offline([*DVC, "repro"], project)
     features = stored_features(project)

@@ -96,6 +96,7 @@ def faults_per_step(pages: str) -> float:
                                 check=True).stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").is_file() or
                     "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
                     reason="the kernel offers no transparent huge pages")

