@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ MACHINE_ONLY_VARIABLES = ("PYTHONDONTWRITEBYTECODE", "TORCH_HOME")
 
 
 @pytest.fixture(autouse=True, scope="session")
-def users_machine(tmp_path_factory: pytest.TempPathFactory) -> None:
+def users_machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Every test and every command it runs sees a user's fresh machine: Python writes its bytecode, and torch's
     cache (TORCH_HOME) is empty; tests that need a cached file put it into a TORCH_HOME of their own."""
     with pytest.MonkeyPatch.context() as patch:

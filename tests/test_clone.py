@@ -76,16 +76,16 @@ def test_a_pristine_clone_shows_no_changed_parameter_or_code(tmp_path: Path) -> 
     assert changes_other_than_missing_outputs(clone) == {}
 
 
-def test_a_committed_repro_is_up_to_date_and_reruns_nothing(tmp_path: Path) -> None:
+def test_a_committed_own_data_experiment_is_up_to_date_and_reruns_nothing(tmp_path: Path) -> None:
     project = make_project(tmp_path / "project")
-    images = own_images(tmp_path / "images", 6)
-    write_params(project, {**SMALL, "runs": [0], "train.max_epochs": 1, "data.dir": str(images),
-                           "data.negative_class": "intact", "data.positive_class": "cracked"})
+    write_params(project, {**SMALL, "runs": [0], "train.max_epochs": 1})
     commit_all(project, "a small project")
-    first = run_offline([*DVC, "repro"], project)
+    images = own_images(tmp_path / "images", 6)
+    first = dvc_offline(f"dvc exp run -S data.dir={images} -S data.negative_class=intact "
+                        "-S data.positive_class=cracked", project)
     assert "Running stage 'train@0'" in first.stdout
     assert list((project / "anomaly_pipeline" / "__pycache__").glob("*.pyc"))  # Python wrote its bytecode
-    commit_all(project, "reproduced")
+    commit_all(project, "the experiment")
     assert "Data and pipelines are up to date." in dvc_offline("dvc status", project).stdout
     second = run_offline([*DVC, "repro"], project)
     assert "Running stage" not in second.stdout and "Data and pipelines are up to date." in second.stdout
