@@ -190,6 +190,17 @@ def default_params() -> dict:
     return yaml.safe_load((PROJECT / "params.yaml").read_text())
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A nested mapping with dotted keys: {'a': {'b': 1}} -> {'a.b': 1}."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def set_dotted(tree: dict, dotted: str, value: object) -> dict:
     """Set tree['a']['b'] for 'a.b' (in place) and return the tree."""
     *parents, leaf = dotted.split(".")

@@ -15,23 +15,13 @@ from tests.conftest import (
     SMALL,
     commit_all,
     dvc_offline,
+    flatten,
     make_project,
     own_images,
     run,
     run_offline,
     write_params,
 )
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def test_the_committed_lock_was_made_with_params_yaml() -> None:

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from anomaly_pipeline.errors import PipelineError
 from anomaly_pipeline.params import parameter_names, parse_params, run_seed
-from tests.conftest import default_params, set_dotted
+from tests.conftest import default_params, flatten, set_dotted
 
 
 def test_params_yaml_agrees_with_the_defaults_written_in_the_code() -> None:
@@ -120,10 +120,6 @@ def test_unknown_parameter_unlike_any_gets_no_guess() -> None:
 
 
 def test_params_yaml_holds_exactly_the_known_parameters() -> None:
-    def flatten(tree: dict, prefix: str = "") -> list[str]:
-        return [name for key, value in tree.items()
-                for name in (flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key])]
-
     assert sorted(flatten(default_params())) == sorted(parameter_names())
 
 
