@@ -7,22 +7,21 @@
 
 Each run of a cell (set x configuration) is a clean clone of this checkout (HEAD, or --commit) that runs `dvc repro`
 with the study's network, ResNet18, and model.pretrained false (unless the configuration asks for Lite0 with
-ImageNet weights), runs [N] (run N's split, seed and
-model do not depend on the other runs), data.dir set to the set and the configuration's parameters. Its test
-figures, its validation figures and both sets of scores (label, score) are appended to
-benchmarks/results/unseen_sets.jsonl as soon as it ends (with the date, commit and machine), and runs already there
-are not run again: a measurement of many hours can be stopped and resumed run by run. Balanced accuracy, recall and
-specificity are at each run's own decision threshold; PR-AUC (average precision) is computed here from the run's
-test predictions, so cells measured before the pipeline reported it are comparable. Configurations are compared by
-the validation figures recorded beside (each run's balanced accuracy and PR-AUC on its own validation images), never
-by the test figures. Seconds per run = training + evaluation as the stages record them. A change of the threshold
-rule alone does not need hours of training again: --rescore judges every recorded model that trained as a
-configuration with a threshold rule does (its own runs; the study's runs for 'threshold') by this checkout's rule,
-from the run's recorded validation and test scores, and appends the figures (the commit column then reads
-TRAINED>RULE, RULE being the last commit that changed the rule). Earlier candidates for the preset stay in the
-results under their own names (preset-1, preset-2), measured at their commits. --misses lists the test images that
-several recorded runs misclassified (from the runs kept in ../bench-runs): a few hard or debatable images show apart
-from errors spread over the set.
+ImageNet weights), runs [N] (run N's split, seed and model do not depend on the other runs), data.dir set to the set
+and the configuration's parameters. Its test figures, its validation figures and both sets of scores (label, score)
+are appended to benchmarks/results/unseen_sets.jsonl as soon as it ends (with the date, commit and machine), and
+runs already there are not run again: a measurement of many hours can be stopped and resumed run by run. Balanced
+accuracy, recall and specificity are at each run's own decision threshold; PR-AUC (average precision) is computed
+here from the run's test predictions, so cells measured before the pipeline reported it are comparable.
+Configurations are compared by the validation figures recorded beside (each run's balanced accuracy and PR-AUC on
+its own validation images), never by the test figures. Seconds per run = training + evaluation as the stages record
+them. A change of the threshold rule alone does not need hours of training again: --rescore judges every recorded
+model that trained as a configuration with a threshold rule does (its own runs; the study's runs for 'threshold') by
+this checkout's rule, from the run's recorded validation and test scores, and appends the figures (the commit column
+then reads TRAINED>RULE, RULE being the last commit that changed the rule). Earlier candidates for the preset stay
+in the results under their own names (preset-1, preset-2), measured at their commits. --misses lists the test images
+that several recorded runs misclassified (from the runs kept in ../bench-runs): a few hard or debatable images show
+apart from errors spread over the set.
 """
 
 from __future__ import annotations
@@ -89,10 +88,10 @@ def readme_preset() -> dict[str, object]:
     return {key: yaml.safe_load(value) for key, value in (change.split("=", 1) for change in changes)}
 
 
-# Configuration name -> parameter changes on top of params.yaml with ResNet18, random init (the study's method). "lite0-robust" is the README's
-# robust preset (read from its line); "robust" is that preset as it stood with random init, until 2026-12-03 (the
-# same options without model.arch), and "robust-..." the candidates measured then; the others are options one at a
-# time.
+# Configuration name -> parameter changes on top of params.yaml with ResNet18, random init (the study's method).
+# "lite0-robust" is the README's robust preset (read from its line, on Lite0 with ImageNet weights); "robust" is that
+# preset as it stood with random init, until 2026-12-03 (the same options without model.arch), and "robust-..." the
+# candidates measured then; the others are options one at a time.
 LITE0_IMAGENET = {"model.arch": "efficientnet_lite0", "model.pretrained": True}
 LITE0_ROBUST = {**LITE0_IMAGENET, **readme_preset()}
 LITE0_LAST_BLOCK = {**LITE0_IMAGENET, "train.finetune": "last_block"}

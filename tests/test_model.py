@@ -79,6 +79,8 @@ PHOTOS = Path(sklearn.datasets.__file__).parent / "images"
 TEMPLE, FLOWER = PHOTOS / "china.jpg", PHOTOS / "flower.jpg"
 # ImageNet's classes for such a building: bell cote, church, dome, monastery, palace.
 BUILDINGS = {442, 497, 538, 663, 698}
+# Three real images, one of each kind: the photographs and a solar cell.
+THREE_IMAGES = [TEMPLE, FLOWER, elpv_labels()[0] / ELPV_FAULTY[0]]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,7 @@ def test_timm_computes_what_the_architecture_the_weights_were_made_for_computes(
     from efficientnet_lite_pytorch import EfficientNet
 
     reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(lite0_weights_file())).eval()
-    inputs = batch([TEMPLE, FLOWER, elpv_labels()[0] / ELPV_FAULTY[0]])  # and a solar cell
+    inputs = batch(THREE_IMAGES)
     with torch.no_grad():
         assert torch.allclose(lite0_imagenet(inputs), reference(inputs), atol=1e-4)
 
@@ -115,7 +117,7 @@ def test_lite0_batch_norm_moves_its_statistics_as_pytorch_does() -> None:
     assert len(norms) == 49 and {norm.momentum for norm in norms} == {0.1}
     first = model.bn1
     before = first.running_mean.clone()
-    inputs = batch([TEMPLE, FLOWER, elpv_labels()[0] / ELPV_FAULTY[0]])  # and a solar cell
+    inputs = batch(THREE_IMAGES)
     with torch.no_grad():
         batch_mean = model.conv_stem(inputs).mean(dim=(0, 2, 3))
     torch.nn.functional.cross_entropy(model(inputs), torch.tensor([0, 0, 1])).backward()

@@ -14,7 +14,6 @@ import yaml
 
 from benchmarks.bench_unseen_sets import readme_preset, readme_preset_words
 from benchmarks.readme import readme_command
-from tests.test_model import write_fake_cache
 from tests.conftest import (
     DEFAULT_NETWORK,
     DVC,
@@ -29,6 +28,7 @@ from tests.conftest import (
     run_offline,
     write_params,
 )
+from tests.test_model import write_fake_cache
 
 # Long: whole pipelines in temporary repositories (python -m pytest -q -m slow tests).
 pytestmark = pytest.mark.slow
